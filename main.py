@@ -1,0 +1,202 @@
+"""Train and evaluate the Deformable DETR family (Deformable, Efficient, Sparse DETR), DETR and SDETR.
+
+    python main.py --coco_path data/coco --output_dir exps/run        # train
+    python main.py --coco_path data/coco --eval --resume ckpt.pth      # evaluate
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+# Defaults that depend on --model; flags left at None take them. Values are the references'.
+MODEL_DEFAULTS = {
+    "deformable": dict(lr=2e-4, lr_backbone=2e-5, batch_size=2, epochs=50, lr_drop=40, num_queries=300,
+                       dim_feedforward=1024, set_cost_class=2.0, cls_loss_coef=2.0),
+    "detr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=2, epochs=300, lr_drop=200, num_queries=100,
+                 dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0),
+    "sdetr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=4, epochs=150, lr_drop=100, num_queries=100,
+                  dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0),
+}
+
+DEFORMABLE_ONLY_FLAGS = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
+
+
+def _model_default(name: str) -> str:
+    return ", ".join(f"{value:g} ({model})" if isinstance(value, float) else f"{value} ({model})"
+                     for model, defaults in MODEL_DEFAULTS.items() for key, value in defaults.items() if key == name)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Sparse DETR and family", add_help=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="deformable", choices=tuple(MODEL_DEFAULTS),
+                        help="detector: the Deformable DETR family (incl. Efficient and Sparse DETR), DETR or SDETR")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--lr", default=None, type=float, help=f"learning rate; default {_model_default('lr')}")
+    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+",
+                   help="parameters whose name contains one of these train at --lr_backbone")
+    g.add_argument("--lr_backbone", default=None, type=float,
+                   help=f"backbone learning rate, 0 freezes it; default {_model_default('lr_backbone')}")
+    g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+",
+                   help="parameters whose name contains one of these train at --lr x --lr_linear_proj_mult")
+    g.add_argument("--lr_linear_proj_mult", default=0.1, type=float, help="learning-rate factor of those parameters")
+    g.add_argument("--batch_size", default=None, type=int,
+                   help=f"images per process; default {_model_default('batch_size')}")
+    g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW / SGD weight decay")
+    g.add_argument("--epochs", default=None, type=int, help=f"training epochs; default {_model_default('epochs')}")
+    g.add_argument("--lr_drop", default=None, type=int,
+                   help=f"divide the learning rates by 10 every this many epochs; default {_model_default('lr_drop')}")
+    g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0 disables)")
+    g.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
+
+    g = parser.add_argument_group("Deformable DETR variants")
+    g.add_argument("--with_box_refine", action="store_true",
+                   help="iterative bounding-box refinement: each decoder layer refines the previous boxes")
+    g.add_argument("--two_stage", action="store_true",
+                   help="two-stage: queries start from the top-scoring encoder proposals (needs --with_box_refine)")
+
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--backbone", default="resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"),
+                   help="torchvision ResNet with frozen BatchNorm")
+    g.add_argument("--dilation", action="store_true",
+                   help="replace the stride of the last stage by dilation (DC5)")
+    g.add_argument("--position_embedding", default="sine", choices=("sine", "learned"),
+                   help="position encoding of the feature maps")
+    g.add_argument("--position_embedding_scale", default=2 * math.pi, type=float,
+                   help="sine encoding: normalised position x this scale")
+    g.add_argument("--num_feature_levels", default=4, type=int,
+                   help="feature levels of the deformable family (C3-C5 plus extra stride-2 levels)")
+    g.add_argument("--backbone_from_scratch", action="store_true",
+                   help="random backbone initialisation (no ImageNet weights); trains every layer")
+    g.add_argument("--finetune_early_layers", action="store_true",
+                   help="also train the stem and layer1, which are frozen by default")
+    g.add_argument("--scrl_pretrained_path", default="", type=str,
+                   help="initialise the ResNet-50 from an SCRL self-supervised checkpoint")
+    g.add_argument("--backbone_weights", default="", type=str,
+                   help="initialise the backbone from this local file (e.g. torchvision's resnet50-0676ba61.pth)")
+
+    g = parser.add_argument_group("transformer")
+    g.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
+    g.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
+    g.add_argument("--dim_feedforward", default=None, type=int,
+                   help=f"feed-forward width; default {_model_default('dim_feedforward')}")
+    g.add_argument("--hidden_dim", default=256, type=int, help="transformer width")
+    g.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
+    g.add_argument("--nheads", default=8, type=int, help="attention heads")
+    g.add_argument("--num_queries", default=None, type=int,
+                   help=f"object queries (two-stage: proposals); default {_model_default('num_queries')}")
+    g.add_argument("--dec_n_points", default=4, type=int, help="sampling points per head and level, decoder")
+    g.add_argument("--enc_n_points", default=4, type=int, help="sampling points per head and level, encoder")
+
+    g = parser.add_argument_group("Efficient DETR and Sparse DETR")
+    g.add_argument("--eff_query_init", action="store_true",
+                   help="Efficient DETR: decoder query contents are the top-k encoder tokens (needs --two_stage)")
+    g.add_argument("--eff_specific_head", action="store_true",
+                   help="Efficient DETR: class-specific proposal head, ranked by the best class (needs --two_stage)")
+    g.add_argument("--rho", default=0.0, type=float,
+                   help="Sparse DETR: fraction of tokens the encoder updates, in (0, 1]; 0 = dense encoder "
+                        "(needs --two_stage)")
+    g.add_argument("--use_enc_aux_loss", action="store_true",
+                   help="Sparse DETR: detection heads and losses after every encoder layer but the last")
+
+    g = parser.add_argument_group("losses and matching")
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                   help="disable the losses on every decoder layer but the last")
+    g.add_argument("--set_cost_class", default=None, type=float,
+                   help=f"class weight in the matching cost; default {_model_default('set_cost_class')}")
+    g.add_argument("--set_cost_bbox", default=5.0, type=float, help="L1 box weight in the matching cost")
+    g.add_argument("--set_cost_giou", default=2.0, type=float, help="GIoU weight in the matching cost")
+    g.add_argument("--cls_loss_coef", default=None, type=float,
+                   help=f"classification loss weight; default {_model_default('cls_loss_coef')}")
+    g.add_argument("--bbox_loss_coef", default=5.0, type=float, help="L1 box loss weight")
+    g.add_argument("--giou_loss_coef", default=2.0, type=float, help="GIoU loss weight")
+    g.add_argument("--mask_prediction_coef", default=1.0, type=float,
+                   help="Sparse DETR: weight of the scoring network's DAM loss")
+    g.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of the sigmoid focal loss")
+    g.add_argument("--eos_coef", default=0.1, type=float,
+                   help="DETR/SDETR: weight of the no-object class in the cross-entropy")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_file", default="coco", choices=("coco",), help="dataset format")
+    g.add_argument("--coco_path", default="./data/coco", type=str,
+                   help="folder with train2017/, val2017/ and annotations/instances_{train,val}2017.json")
+    g.add_argument("--num_classes", default=None, type=int,
+                   help="classifier outputs; default 91 for COCO ids (<= 90), else max category id + 1")
+    g.add_argument("--cache_mode", action="store_true", help="keep the encoded images in memory")
+    g.add_argument("--num_workers", default=2, type=int, help="data-loading processes")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--output_dir", default="", help="where checkpoints and logs go; empty saves nothing")
+    g.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
+    g.add_argument("--seed", default=42, type=int, help="random seed (plus the process rank)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from (or evaluate with --eval)")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
+    g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill --model-dependent defaults and reject flag combinations that cannot work, naming the fix."""
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.num_classes is None and args.dataset_file == "coco":
+        args.num_classes = 91
+
+    errors = []
+    if args.model != "deformable":
+        errors += [f"--{flag} belongs to the Deformable DETR family: drop it or use --model deformable"
+                   for flag in DEFORMABLE_ONLY_FLAGS if getattr(args, flag)]
+        if args.rho:
+            errors.append("--rho belongs to Sparse DETR: drop it or use --model deformable")
+    if not 0.0 <= args.rho <= 1.0:
+        errors.append(f"--rho must be in [0, 1] (a fraction of tokens), got {args.rho}")
+    if args.rho and not args.two_stage:
+        errors.append("--rho needs --two_stage --with_box_refine (Sparse DETR scores tokens with the two-stage "
+                      "token projection); see configs/r50_sparse_detr_rho_0.1.sh")
+    if args.eff_query_init and not args.two_stage:
+        errors.append("--eff_query_init needs --two_stage --with_box_refine (queries come from encoder proposals)")
+    if args.eff_specific_head and not args.two_stage:
+        errors.append("--eff_specific_head needs --two_stage --with_box_refine (it is the proposal head)")
+    if args.two_stage and not args.with_box_refine:
+        errors.append("--two_stage needs --with_box_refine (the decoder refines the proposal boxes, as in every "
+                      "published two-stage config)")
+    if args.hidden_dim % args.nheads:
+        errors.append(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
+    if args.model != "detr" and args.hidden_dim % 32:
+        errors.append(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (GroupNorm of 32 groups)")
+    for flag in ("enc_layers", "dec_layers", "num_queries", "batch_size", "epochs", "num_feature_levels"):
+        if getattr(args, flag) < 1:
+            errors.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_classes is not None and args.num_classes < 1:
+        errors.append(f"--num_classes must be at least 1, got {args.num_classes}")
+    if args.backbone_from_scratch and (args.backbone_weights or args.scrl_pretrained_path):
+        errors.append("--backbone_from_scratch contradicts --backbone_weights / --scrl_pretrained_path: keep one")
+    if args.backbone_weights and args.scrl_pretrained_path:
+        errors.append("--backbone_weights and --scrl_pretrained_path both initialise the backbone: keep one")
+    if args.scrl_pretrained_path and args.backbone != "resnet50":
+        errors.append("--scrl_pretrained_path holds ResNet-50 weights: use --backbone resnet50")
+    if args.eval and not args.resume:
+        errors.append("--eval evaluates a checkpoint: add --resume PATH")
+    if errors:
+        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser("Sparse DETR and family", parents=[get_args_parser()])
+    return validate_args(parser.parse_args(argv))
+
+
+def main(args: argparse.Namespace) -> None:
+    from engine import run
+    run(args)
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,144 @@
+"""Backbones: a torchvision ResNet with frozen BatchNorm, joined with a position encoding."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from util.misc import NestedTensor
+
+from .position_encoding import build_position_encoding
+
+logger = logging.getLogger(__name__)
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained backbone weights can neither be downloaded nor found in the cache."""
+
+
+def _stage_channels(stage: nn.Sequential) -> int:
+    """Output channels of a ResNet stage: those of the last conv of its last block."""
+    convs = [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def _load_imagenet_weights(name: str) -> dict[str, Tensor]:
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:  # network errors come in many types (URLError, OSError, ...)
+        raise WeightsUnavailableError(
+            f"Could not get the ImageNet weights of {name} ({weights.url}): {err}.\n"
+            f"Fix: download that file and pass it with --backbone_weights PATH, place it in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or train without them with --backbone_from_scratch."
+        ) from err
+
+
+def _load_scrl_weights(path: str) -> dict[str, Tensor]:
+    """Map an SCRL checkpoint (``online_network_state_dict``, ``encoder.<i>``) to torchvision names."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "online_network_state_dict" not in checkpoint:
+        raise ValueError(f"--scrl_pretrained_path {path}: not an SCRL checkpoint (no 'online_network_state_dict')")
+    renames = {"encoder.0.": "conv1.", "encoder.1.": "bn1.", "encoder.4.": "layer1.", "encoder.5.": "layer2.",
+               "encoder.6.": "layer3.", "encoder.7.": "layer4."}
+    state_dict = {}
+    for key, value in checkpoint["online_network_state_dict"].items():
+        for old, new in renames.items():
+            if key.startswith(old):
+                state_dict[new + key[len(old):]] = value
+    return state_dict
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet returning C3-C5 (or only C5) with their padding masks.
+
+    ``strides`` and ``num_channels`` describe the returned maps, in order.
+    """
+
+    def __init__(self, *, name: str = "resnet50", train_backbone: bool = True, return_interm_layers: bool = True,
+                 dilation: bool = False, freeze_early_layers: bool = True,
+                 state_dict: Optional[dict[str, Tensor]] = None):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
+        resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                                   norm_layer=FrozenBatchNorm2d)
+        if state_dict is not None:
+            missing, unexpected = resnet.load_state_dict(state_dict, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing:
+                raise ValueError(f"backbone weights miss {len(missing)} keys of {name}, e.g. {missing[:3]}")
+        for param_name, param in resnet.named_parameters():
+            # The reference trains layer2-4 only (stem and layer1 stay frozen), unless asked otherwise.
+            early = not param_name.startswith(("layer2", "layer3", "layer4"))
+            if not train_backbone or (freeze_early_layers and early):
+                param.requires_grad_(False)
+        layer_ids = (2, 3, 4) if return_interm_layers else (4,)
+        self.body = IntermediateLayerGetter(resnet, return_layers={f"layer{n}": str(i) for i, n in enumerate(layer_ids)})
+        self.num_channels = [_stage_channels(getattr(resnet, f"layer{n}")) for n in layer_ids]
+        self.strides = [2 ** (n + 1) for n in layer_ids]
+        if dilation:
+            self.strides[-1] //= 2
+
+    def forward(self, images: NestedTensor) -> list[NestedTensor]:
+        features = self.body(images.tensors)
+        out = []
+        for name in sorted(features, key=int):
+            x = features[name]
+            mask = F.interpolate(images.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out.append(NestedTensor(x, mask))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """``backbone`` followed by ``position_encoding`` (a Sequential, for the reference's key names
+    ``backbone.0.body.*``); returns the feature maps and their position encodings."""
+
+    def __init__(self, backbone: nn.Module, position_encoding: nn.Module):
+        super().__init__(backbone, position_encoding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, images: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        """Returns features (NestedTensor [B, C_l, H_l, W_l] each) and positions ([B, hidden, H_l, W_l],
+        in the features' dtype)."""
+        features = self[0](images)
+        positions = [self[1](f).to(f.tensors.dtype) for f in features]
+        return features, positions
+
+    def position_encoding(self, features: NestedTensor) -> Tensor:
+        return self[1](features).to(features.tensors.dtype)
+
+
+def build_backbone(args) -> Joiner:
+    pretrained = not args.backbone_from_scratch
+    if args.backbone_weights:
+        state_dict = torch.load(args.backbone_weights, map_location="cpu", weights_only=False)
+        state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
+    elif args.scrl_pretrained_path:
+        state_dict = _load_scrl_weights(args.scrl_pretrained_path)
+    elif pretrained:
+        state_dict = _load_imagenet_weights(args.backbone)
+    else:
+        state_dict = None
+    return_interm_layers = args.num_feature_levels > 1 and args.model == "deformable" or args.model == "sdetr"
+    backbone = ResNetBackbone(
+        name=args.backbone,
+        train_backbone=args.lr_backbone > 0,
+        return_interm_layers=return_interm_layers,
+        dilation=args.dilation,
+        freeze_early_layers=pretrained and not args.finetune_early_layers,
+        state_dict=state_dict,
+    )
+    return Joiner(backbone, build_position_encoding(args))

@@ -1,0 +1,4 @@
+from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn_func import ms_deform_attn, ms_deform_attn_pytorch
+
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch"]

@@ -1,0 +1,57 @@
+"""Multi-scale deformable attention: the function every model calls.
+
+Shapes (B batch, S = sum_l H_l * W_l value tokens, H heads, D channels per head, Q queries,
+L levels, P points per level):
+
+    value               [B, S, H, D]
+    spatial_shapes      [L, 2] int64, (H_l, W_l) per level
+    level_start_index   [L] int64, offset of each level in S
+    sampling_locations  [B, Q, H, L, P, 2] (x, y) in [0, 1] relative to each level's full (padded) map
+    attention_weights   [B, Q, H, L, P]
+    -> output           [B, Q, H * D]
+
+A location is bilinearly sampled with ``align_corners=False`` semantics (pixel centres at
+(i + 0.5) / W) and zeros outside the map. ``ms_deform_attn_pytorch`` is the reference
+implementation; compiled kernels (see the fast-kernel issue) must match it and plug in through
+``ms_deform_attn``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+                           attention_weights: Tensor) -> Tensor:
+    """Pure-PyTorch multi-scale deformable attention (runs on any device and dtype)."""
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, levels, points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    per_level_values = value.split(sizes, dim=1)
+    # grid_sample wants coordinates in [-1, 1].
+    grids = sampling_locations * 2 - 1
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        # [B, H_l*W_l, H, D] -> [B*H, D, H_l, W_l]
+        level_value = per_level_values[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
+        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # -> [B*H, D, Q, P]
+        sampled.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))
+    # [B*H, D, Q, L*P] weighted by [B*H, 1, Q, L*P]
+    sampled = torch.stack(sampled, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
+    output = (sampled * weights).sum(-1).view(batch, heads * head_dim, num_queries)
+    return output.transpose(1, 2).contiguous()
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                   sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention; see the module docstring for shapes.
+
+    ``level_start_index`` is what compiled kernels index with; the PyTorch path derives the
+    level boundaries from ``spatial_shapes``.
+    """
+    return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)

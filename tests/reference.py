@@ -1,0 +1,79 @@
+"""Loading the reference fixtures (see ../shared/fixtures/README.md) and comparing against them."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import get_args_parser, validate_args
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixtures_dir() -> Path | None:
+    path = Path(os.environ.get("DETR_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures"))
+    return path if (path / "index.json").is_file() else None
+
+
+def require_fixtures() -> Path:
+    """The fixtures folder; skips the test where it is absent, fails under CI."""
+    path = fixtures_dir()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("reference fixtures not found: set DETR_FIXTURES or place them at ../shared/fixtures")
+        pytest.skip("reference fixtures not found (set DETR_FIXTURES)")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _weights_file(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@lru_cache(maxsize=None)
+def load_fixture(name: str) -> dict:
+    return torch.load(require_fixtures() / f"{name}.pt", map_location="cpu", weights_only=False)
+
+
+def fixture_state_dict(fixture: dict) -> dict[str, torch.Tensor]:
+    """The reference's state dict for this fixture, in float64 (as the fixture README prescribes)."""
+    folder = require_fixtures()
+    pool: dict[str, torch.Tensor] = {}
+    for name in fixture["weights_files"]:
+        pool.update(_weights_file(str(folder / name)))
+    pool.update(fixture["state_dict_overrides"])
+    return {k: pool[k].double() if pool[k].is_floating_point() else pool[k] for k in fixture["state_dict_keys"]}
+
+
+def fixture_args(fixture: dict, model: str = "deformable"):
+    """Our parsed arguments with the reference's fields of this fixture."""
+    args = get_args_parser().parse_args(["--model", model, "--device", "cpu", "--backbone_from_scratch"])
+    for key, value in fixture["args"].items():
+        if hasattr(args, key):
+            setattr(args, key, value)
+    args.backbone_from_scratch = True  # weights come from the fixture
+    return validate_args(args)
+
+
+def assert_close_tree(actual, expected, path: str = "outputs", rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Recursively compare nested dicts/lists of tensors."""
+    if isinstance(expected, dict):
+        missing = set(expected) - set(actual)
+        assert not missing, f"{path}: missing keys {sorted(missing)}"
+        for key in expected:
+            assert_close_tree(actual[key], expected[key], f"{path}.{key}", rtol, atol)
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close_tree(a, e, f"{path}[{i}]", rtol, atol)
+    elif torch.is_tensor(expected):
+        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        if expected.is_floating_point():
+            torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, msg=lambda m: f"{path}: {m}")
+        else:
+            assert torch.equal(actual.to(expected.dtype), expected), f"{path}: values differ"
+    else:
+        assert actual == expected, f"{path}: {actual} != {expected}"
