@@ -379,8 +379,10 @@ class DeformableTransformer(nn.Module):
             num_kept = min(int(kept_counts.max()), src_flatten.shape[1])
             scores = self.enc_mask_predictor(
                 self.project_tokens(src_flatten + pos_flatten, mask_flatten, backbone_valid)).squeeze(-1)
+            # Padding never wins a place (-inf, where the reference's minimum could tie with a valid
+            # token); the reported logits put padding at the minimum, as the reference.
+            kept_index = torch.topk(scores.masked_fill(mask_flatten, float("-inf")), num_kept, dim=1)[1]
             scores = scores.masked_fill(mask_flatten, scores.min())
-            kept_index = torch.topk(scores, num_kept, dim=1)[1]
             out.update(backbone_mask_prediction=scores, backbone_topk_proposals=kept_index,
                        sparse_token_nums=kept_counts)
 
@@ -403,7 +405,7 @@ class DeformableTransformer(nn.Module):
             topk_index = torch.topk(objectness, self.two_stage_num_proposals, dim=1)[1]
             topk_coords_unact = _gather_tokens(enc_coord_unact, topk_index).detach()
             reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact)))
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact, self.d_model // 2)))
             if self.eff_query_init:
                 query_pos, tgt = pos_trans_out, _gather_tokens(memory, topk_index)
             else:

@@ -50,12 +50,27 @@ def fixture_state_dict(fixture: dict) -> dict[str, torch.Tensor]:
 
 def fixture_args(fixture: dict, model: str = "deformable"):
     """Our parsed arguments with the reference's fields of this fixture."""
-    args = get_args_parser().parse_args(["--model", model, "--device", "cpu", "--backbone_from_scratch"])
+    args = get_args_parser().parse_args(["--model", model, "--device", "cpu"])
     for key, value in fixture["args"].items():
         if hasattr(args, key):
             setattr(args, key, value)
-    args.backbone_from_scratch = True  # weights come from the fixture
     return validate_args(args)
+
+
+def build_fixture_model(fixture: dict, model: str = "deformable"):
+    """``build_model`` for this fixture, in float64 with the fixture's weights loaded strictly.
+
+    The backbone is built as pretrained (early layers frozen, as the reference) but its ImageNet
+    weights are not fetched: the fixture's weights replace them.
+    """
+    from unittest import mock
+
+    from models import build_model
+    with mock.patch("models.backbone._load_imagenet_weights", return_value=None):
+        detector, criterion, postprocessors = build_model(fixture_args(fixture, model))
+    detector.double()
+    detector.load_state_dict(fixture_state_dict(fixture), strict=True)
+    return detector, criterion, postprocessors
 
 
 def assert_close_tree(actual, expected, path: str = "outputs", rtol: float = 1e-4, atol: float = 1e-5) -> None:

@@ -1,0 +1,44 @@
+"""Command-line flags: defaults per model and start-up validation of combinations."""
+import pytest
+
+from main import parse_args
+
+
+def test_reference_defaults():
+    args = parse_args(["--device", "cpu"])
+    assert (args.lr, args.lr_backbone, args.batch_size, args.epochs, args.lr_drop) == (2e-4, 2e-5, 2, 50, 40)
+    assert (args.num_queries, args.dim_feedforward, args.enc_n_points, args.dec_n_points) == (300, 1024, 4, 4)
+    assert (args.set_cost_class, args.set_cost_bbox, args.set_cost_giou) == (2, 5, 2)
+    assert (args.cls_loss_coef, args.bbox_loss_coef, args.giou_loss_coef, args.focal_alpha) == (2, 5, 2, 0.25)
+    assert args.lr_linear_proj_names == ["reference_points", "sampling_offsets"] and args.lr_linear_proj_mult == 0.1
+    assert args.num_classes == 91 and args.rho == 0 and args.aux_loss
+
+
+def test_explicit_values_win_over_model_defaults():
+    assert parse_args(["--device", "cpu", "--lr", "1e-3"]).lr == 1e-3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eff_query_init"], "--eff_query_init needs --two_stage"),
+    (["--eff_specific_head"], "--eff_specific_head needs --two_stage"),
+    (["--two_stage"], "--two_stage needs --with_box_refine"),
+    (["--rho", "0.1"], "--rho needs --two_stage"),
+    (["--rho", "1.5", "--two_stage", "--with_box_refine"], "--rho must be in [0, 1]"),
+    (["--rho", "-0.1", "--two_stage", "--with_box_refine"], "--rho must be in [0, 1]"),
+    (["--model", "detr", "--two_stage"], "--two_stage belongs to the Deformable DETR family"),
+    (["--model", "detr", "--rho", "0.1"], "--rho belongs to Sparse DETR"),
+    (["--hidden_dim", "100"], "must be divisible by --nheads"),
+    (["--eval"], "--eval evaluates a checkpoint: add --resume PATH"),
+    (["--backbone_from_scratch", "--backbone_weights", "w.pth"], "--backbone_from_scratch contradicts"),
+    (["--enc_layers", "0"], "--enc_layers must be at least 1"),
+])
+def test_invalid_combinations_fail_at_start_up_naming_the_fix(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--device", "cpu", *flags])
+    assert message in str(exc.value)
+
+
+def test_unknown_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--masks"])
+    assert "unrecognized arguments: --masks" in capsys.readouterr().err
