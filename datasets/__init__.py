@@ -1,0 +1,24 @@
+"""Dataset construction: ``build_dataset`` and access to the pycocotools ground truth."""
+from __future__ import annotations
+
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset, Subset
+
+from .coco import CocoDetection, build as build_coco, default_num_classes
+
+__all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "default_num_classes"]
+
+
+def get_coco_api_from_dataset(dataset: Dataset) -> COCO:
+    """The pycocotools ``COCO`` ground truth behind ``dataset`` (unwrapping ``torch.utils.data.Subset``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    coco = getattr(dataset, "coco", None)
+    if not isinstance(coco, COCO):
+        raise TypeError(f"{type(dataset).__name__} has no pycocotools ground truth (.coco)")
+    return coco
+
+
+def build_dataset(image_set: str, args) -> CocoDetection:
+    """Build the ``image_set`` ('train' or 'val') split; see :func:`datasets.coco.build` for ``args``."""
+    return build_coco(image_set, args)
