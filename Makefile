@@ -1,0 +1,27 @@
+# Set-up and checks. `make test` and `make demo` work on a fresh machine: they create .venv first.
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install test demo clean
+
+# Reinstalls only when requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# pytest exits non-zero on failures and when no test ran.
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) tools/make_synthetic_coco.py --out $(DEMO_DIR)/data
+	PYTHON=$(abspath $(PY)) bash configs/demo_synthetic.sh --coco_path $(DEMO_DIR)/data --output_dir $(DEMO_DIR)/run
+
+clean:
+	rm -rf $(VENV) .pytest_cache
