@@ -1,0 +1,113 @@
+"""Show what Sparse DETR keeps: the image, the scoring network's saliency per level, the kept
+tokens and the decoder attention map (DAM), in one PNG.
+
+    python tools/visualize_sparsity.py --resume exps/r50_sparse_detr_rho_0.1/checkpoint.pth \
+        --image dog.jpg --out sparsity.png
+
+The model is rebuilt from the ``args`` stored in the checkpoint (our checkpoints), or from the
+model flags given after ``--`` (official checkpoints hold weights only), e.g.
+``-- --with_box_refine --two_stage --eff_query_init --eff_specific_head --rho 0.1 --use_enc_aux_loss``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets.transforms import make_coco_transforms  # noqa: E402
+from main import parse_args  # noqa: E402
+from models import build_model  # noqa: E402
+from models.dam import attention_map_to_token_grid  # noqa: E402
+
+
+def load_model(checkpoint_path: str, model_flags: list[str], device: str) -> torch.nn.Module:
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if "args" in checkpoint and not model_flags:
+        args = checkpoint["args"]
+        args.device = device
+    else:
+        args = parse_args(["--device", device, "--backbone_from_scratch", *model_flags])
+    if not args.rho:
+        raise SystemExit(f"{checkpoint_path} is not a Sparse DETR model (rho = 0): nothing to visualise")
+    args.backbone_from_scratch, args.backbone_weights, args.scrl_pretrained_path = True, "", ""
+    model, _, _ = build_model(args)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    return model.to(device).eval()
+
+
+def per_level_maps(values: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
+    """[S] token values -> one [H_l, W_l] map per level."""
+    return [v.view(h, w) for v, (h, w) in zip(values.split(spatial_shapes.prod(1).tolist()), spatial_shapes.tolist())]
+
+
+@torch.no_grad()
+def sparsity_maps(model: torch.nn.Module, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Saliency (sigmoid of the scoring logits), kept tokens (0/1) and DAM, each per level, for one
+    [3, H, W] image."""
+    outputs = model([image])
+    shapes = outputs["spatial_shapes"]
+    saliency = outputs["backbone_mask_prediction"][0].sigmoid()
+    kept = torch.zeros_like(saliency)
+    kept[outputs["backbone_topk_proposals"][0, :int(outputs["sparse_token_nums"][0])]] = 1
+    dam = attention_map_to_token_grid(shapes, outputs["level_start_index"], outputs["sampling_locations_dec"],
+                                      outputs["attn_weights_dec"])[0]
+    return {name: per_level_maps(values.cpu(), shapes.cpu())
+            for name, values in (("saliency", saliency), ("kept tokens", kept), ("DAM", dam))}
+
+
+def plot(image: PIL.Image.Image, maps: dict[str, list[torch.Tensor]], out: str) -> None:
+    levels = len(next(iter(maps.values())))
+    fig, axes = plt.subplots(len(maps), levels + 1, figsize=(3 * (levels + 1), 2.6 * len(maps)), squeeze=False)
+    for row, (name, level_maps) in enumerate(maps.items()):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title("image" if row == 0 else "")
+        axes[row, 0].set_ylabel(name)
+        for level, level_map in enumerate(level_maps):
+            # Saliency and kept tokens are on [0, 1]; the DAM is scaled per level.
+            limits = {} if name == "DAM" else {"vmin": 0.0, "vmax": 1.0}
+            axes[row, level + 1].imshow(level_map.numpy(), cmap="viridis", **limits)
+            axes[row, level + 1].set_title(f"{name}, level {level} ({level_map.shape[0]}x{level_map.shape[1]})",
+                                           fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    if "--" in argv:
+        split = argv.index("--")
+        argv, model_flags = argv[:split], argv[split + 1:]
+    else:
+        model_flags = []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resume", required=True, help="checkpoint of a Sparse DETR model")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--size", type=int, default=800, help="shorter side the image is resized to")
+    parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    for path in (args.resume, args.image):
+        if not Path(path).is_file():
+            raise SystemExit(f"file not found: {path}")
+    model = load_model(args.resume, model_flags, args.device)
+    image = PIL.Image.open(args.image).convert("RGB")
+    tensor, _ = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)(image, None)
+    plot(image, sparsity_maps(model, tensor.to(args.device)), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
