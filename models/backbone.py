@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,13 +59,14 @@ def _load_scrl_weights(path: str) -> dict[str, Tensor]:
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet returning C3-C5 (or only C5) with their padding masks.
+    """A torchvision ResNet returning the maps of the stages ``return_layers`` (2: C3, 3: C4, 4: C5)
+    with their padding masks, shallowest first.
 
     ``strides`` and ``num_channels`` describe the returned maps, in order.
     """
 
-    def __init__(self, *, name: str = "resnet50", train_backbone: bool = True, return_interm_layers: bool = True,
-                 dilation: bool = False, freeze_early_layers: bool = True,
+    def __init__(self, *, name: str = "resnet50", train_backbone: bool = True,
+                 return_layers: Sequence[int] = (2, 3, 4), dilation: bool = False, freeze_early_layers: bool = True,
                  state_dict: Optional[dict[str, Tensor]] = None):
         super().__init__()
         if name not in RESNETS:
@@ -84,11 +85,13 @@ class ResNetBackbone(nn.Module):
             early = not param_name.startswith(("layer2", "layer3", "layer4"))
             if not train_backbone or (freeze_early_layers and early):
                 param.requires_grad_(False)
-        layer_ids = (2, 3, 4) if return_interm_layers else (4,)
+        layer_ids = tuple(sorted(set(return_layers)))
+        if not layer_ids or not set(layer_ids) <= {1, 2, 3, 4}:
+            raise ValueError(f"return_layers must name ResNet stages among 1-4, got {tuple(return_layers)}")
         self.body = IntermediateLayerGetter(resnet, return_layers={f"layer{n}": str(i) for i, n in enumerate(layer_ids)})
         self.num_channels = [_stage_channels(getattr(resnet, f"layer{n}")) for n in layer_ids]
         self.strides = [2 ** (n + 1) for n in layer_ids]
-        if dilation:
+        if dilation and layer_ids[-1] == 4:
             self.strides[-1] //= 2
 
     def forward(self, images: NestedTensor) -> list[NestedTensor]:
@@ -121,6 +124,16 @@ class Joiner(nn.Sequential):
         return self[1](features).to(features.tensors.dtype)
 
 
+def backbone_layers(args) -> tuple[int, ...]:
+    """ResNet stages each detector reads: C3-C5 for the multi-level Deformable family, C4 and C5 for
+    SDETR (stage 2 runs on C4, stage 1 on C5), C5 otherwise (DETR, single-level Deformable)."""
+    if args.model == "sdetr":
+        return (3, 4)
+    if args.model == "deformable" and args.num_feature_levels > 1:
+        return (2, 3, 4)
+    return (4,)
+
+
 def build_backbone(args) -> Joiner:
     pretrained = not args.backbone_from_scratch
     if args.backbone_weights:
@@ -132,11 +145,10 @@ def build_backbone(args) -> Joiner:
         state_dict = _load_imagenet_weights(args.backbone)
     else:
         state_dict = None
-    return_interm_layers = args.num_feature_levels > 1 and args.model == "deformable" or args.model == "sdetr"
     backbone = ResNetBackbone(
         name=args.backbone,
         train_backbone=args.lr_backbone > 0,
-        return_interm_layers=return_interm_layers,
+        return_layers=backbone_layers(args),
         dilation=args.dilation,
         freeze_early_layers=pretrained and not args.finetune_early_layers,
         state_dict=state_dict,
