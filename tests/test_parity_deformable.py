@@ -40,7 +40,7 @@ def test_losses(run):
     expected, losses = run["fixture"]["losses"], run["losses"]
     assert set(losses) == set(expected)
     for name, value in expected.items():
-        assert float(losses[name]) == pytest.approx(value, rel=1e-4, abs=1e-9), name
+        assert float(losses[name].detach()) == pytest.approx(value, rel=1e-4, abs=1e-9), name
     assert float(run["total"]) == pytest.approx(run["fixture"]["total_loss"], rel=1e-4)
 
 
