@@ -12,11 +12,19 @@ import sys
 # Defaults that depend on --model; flags left at None take them. Values are the references'.
 MODEL_DEFAULTS = {
     "deformable": dict(lr=2e-4, lr_backbone=2e-5, batch_size=2, epochs=50, lr_drop=40, num_queries=300,
-                       dim_feedforward=1024, set_cost_class=2.0, cls_loss_coef=2.0),
+                       dim_feedforward=1024, set_cost_class=2.0, cls_loss_coef=2.0, lr_scaling="sqrt"),
     "detr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=2, epochs=300, lr_drop=200, num_queries=100,
-                 dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0),
-    "sdetr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=4, epochs=150, lr_drop=100, num_queries=100,
-                  dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0),
+                 dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, lr_scaling="none"),
+    "sdetr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=4, epochs=300, lr_drop=100, num_queries=100,
+                  dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, lr_scaling="none"),
+}
+
+# SDETR's per-stage layer and head counts (the reference hard-codes these values).
+SDETR_STAGE_DEFAULTS = {
+    "sdetr_stage1_enc_layers": 3, "sdetr_stage1_enc_heads": 8,
+    "sdetr_stage1_dec_layers": 3, "sdetr_stage1_dec_heads": 8,
+    "sdetr_stage2_enc_layers": 3, "sdetr_stage2_enc_heads": 1,
+    "sdetr_stage2_dec_layers": 3, "sdetr_stage2_dec_heads": 8,
 }
 
 DEFORMABLE_ONLY_FLAGS = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
@@ -58,8 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="two-stage: queries start from the top-scoring encoder proposals (needs --with_box_refine)")
 
     g = parser.add_argument_group("backbone")
-    g.add_argument("--backbone", default="resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"),
-                   help="torchvision ResNet with frozen BatchNorm")
+    g.add_argument("--backbone", default="resnet50",
+                   choices=("resnet18", "resnet34", "resnet50", "resnet101", "swin_tiny"),
+                   help="torchvision ResNet with frozen BatchNorm, or Swin-T (needs --backbone_weights or "
+                        "--backbone_from_scratch: no downloadable weights)")
     g.add_argument("--dilation", action="store_true",
                    help="replace the stride of the last stage by dilation (DC5)")
     g.add_argument("--position_embedding", default="sine", choices=("sine", "learned"),
@@ -71,24 +81,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone_from_scratch", action="store_true",
                    help="random backbone initialisation (no ImageNet weights); trains every layer")
     g.add_argument("--finetune_early_layers", action="store_true",
-                   help="also train the stem and layer1, which are frozen by default")
+                   help="also train the stem and layer1 (Swin: patch embedding and stage 1), frozen by default")
     g.add_argument("--scrl_pretrained_path", default="", type=str,
                    help="initialise the ResNet-50 from an SCRL self-supervised checkpoint")
     g.add_argument("--backbone_weights", default="", type=str,
-                   help="initialise the backbone from this local file (e.g. torchvision's resnet50-0676ba61.pth)")
+                   help="initialise the backbone from this local file (e.g. torchvision's resnet50-0676ba61.pth; "
+                        "for Swin-T the official release's swin_tiny_patch4_window7_224.pth or a timm checkpoint)")
 
     g = parser.add_argument_group("transformer")
-    g.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
-    g.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
+    g.add_argument("--enc_layers", default=6, type=int,
+                   help="encoder layers (SDETR ignores it: see --sdetr_stage{1,2}_enc_layers)")
+    g.add_argument("--dec_layers", default=6, type=int,
+                   help="decoder layers (SDETR ignores it: see --sdetr_stage{1,2}_dec_layers)")
     g.add_argument("--dim_feedforward", default=None, type=int,
                    help=f"feed-forward width; default {_model_default('dim_feedforward')}")
     g.add_argument("--hidden_dim", default=256, type=int, help="transformer width")
     g.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
-    g.add_argument("--nheads", default=8, type=int, help="attention heads")
+    g.add_argument("--nheads", default=8, type=int,
+                   help="attention heads (SDETR ignores it: see --sdetr_stage{1,2}_{enc,dec}_heads)")
     g.add_argument("--num_queries", default=None, type=int,
                    help=f"object queries (two-stage: proposals); default {_model_default('num_queries')}")
     g.add_argument("--dec_n_points", default=4, type=int, help="sampling points per head and level, decoder")
     g.add_argument("--enc_n_points", default=4, type=int, help="sampling points per head and level, encoder")
+
+    g = parser.add_argument_group("DETR / SDETR")
+    g.add_argument("--pre_norm", action="store_true",
+                   help="DETR/SDETR: LayerNorm before each attention / feed-forward block (and after the encoder) "
+                        "instead of after each residual sum")
+    stage_help = {
+        "sdetr_stage1_enc_layers": "SDETR stage 1 (on C5): encoder layers",
+        "sdetr_stage1_enc_heads": "SDETR stage 1: attention heads of the encoder layers",
+        "sdetr_stage1_dec_layers": "SDETR stage 1: decoder layers",
+        "sdetr_stage1_dec_heads": "SDETR stage 1: attention heads of the decoder layers",
+        "sdetr_stage2_enc_layers": "SDETR stage 2 (on C4): encoder layers",
+        "sdetr_stage2_enc_heads": "SDETR stage 2: attention heads of the encoder layers (single-head in the paper)",
+        "sdetr_stage2_dec_layers": "SDETR stage 2: decoder layers (its decoder starts from stage 1's last output)",
+        "sdetr_stage2_dec_heads": "SDETR stage 2: attention heads of the decoder layers",
+    }
+    for flag, default in SDETR_STAGE_DEFAULTS.items():
+        g.add_argument(f"--{flag}", default=default, type=int, metavar="N",
+                       help=f"{stage_help[flag]}; default {default} (the reference's)")
 
     g = parser.add_argument_group("Efficient DETR and Sparse DETR")
     g.add_argument("--eff_query_init", action="store_true",
@@ -127,6 +159,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_mode", action="store_true", help="keep the encoded images in memory")
     g.add_argument("--num_workers", default=2, type=int, help="data-loading processes")
 
+    g = parser.add_argument_group(
+        "training loop", "see engine.py; --resume auto continues from <output_dir>/checkpoint.pth when it exists")
+    g.add_argument("--lr_scaling", default=None, choices=("sqrt", "none"),
+                   help="sqrt: multiply --lr and --lr_backbone by sqrt(global batch / 16), as Sparse DETR's "
+                        f"reference does; none: use them as given (DETR's references); default "
+                        f"{_model_default('lr_scaling')}")
+    g.add_argument("--amp", default="off", choices=("off", "fp16", "bf16"),
+                   help="mixed precision: autocast the model to fp16 (with gradient scaling) or bf16")
+    g.add_argument("--log_every", default=50, type=int, metavar="N", help="log training progress every N iterations")
+    g.add_argument("--eval_every", default=1, type=int, metavar="N",
+                   help="evaluate every N epochs (and always after the last one)")
+    g.add_argument("--finetune", default="", metavar="PATH",
+                   help="initialise from this checkpoint's weights only, skipping tensors whose shape differs "
+                        "(e.g. class heads of another --num_classes); ignored when --resume finds a checkpoint")
+
+    g = parser.add_argument_group("data augmentation")
+    g.add_argument("--scales", default=None, type=int, nargs="+", metavar="PX",
+                   help="training shorter-side sizes picked at random; default the reference's 480, 512, ..., 800")
+    g.add_argument("--max_size", default=1333, type=int, metavar="PX", help="longest image side after resizing")
+    g.add_argument("--val_size", default=800, type=int, metavar="PX", help="evaluation shorter-side size")
+
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default="", help="where checkpoints and logs go; empty saves nothing")
     g.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
@@ -154,6 +207,19 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                    for flag in DEFORMABLE_ONLY_FLAGS if getattr(args, flag)]
         if args.rho:
             errors.append("--rho belongs to Sparse DETR: drop it or use --model deformable")
+    if args.model == "deformable" and args.pre_norm:
+        errors.append("--pre_norm belongs to DETR/SDETR (the deformable transformer is post-norm): drop it or use "
+                      "--model detr / sdetr")
+    if args.model != "sdetr":
+        errors += [f"--{flag} belongs to SDETR: drop it or use --model sdetr"
+                   for flag, default in SDETR_STAGE_DEFAULTS.items() if getattr(args, flag) != default]
+    else:
+        for flag in SDETR_STAGE_DEFAULTS:
+            value = getattr(args, flag)
+            if value < 1:
+                errors.append(f"--{flag} must be at least 1, got {value}")
+            elif flag.endswith("_heads") and args.hidden_dim % value:
+                errors.append(f"--hidden_dim {args.hidden_dim} must be divisible by --{flag} {value}")
     if not 0.0 <= args.rho <= 1.0:
         errors.append(f"--rho must be in [0, 1] (a fraction of tokens), got {args.rho}")
     if args.rho and not args.two_stage:
@@ -166,9 +232,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.two_stage and not args.with_box_refine:
         errors.append("--two_stage needs --with_box_refine (the decoder refines the proposal boxes, as in every "
                       "published two-stage config)")
-    if args.hidden_dim % args.nheads:
+    if args.model != "sdetr" and args.hidden_dim % args.nheads:
         errors.append(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
-    if args.model != "detr" and args.hidden_dim % 32:
+    if args.model == "deformable" and args.hidden_dim % 32:
         errors.append(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (GroupNorm of 32 groups)")
     for flag in ("enc_layers", "dec_layers", "num_queries", "batch_size", "epochs", "num_feature_levels"):
         if getattr(args, flag) < 1:
@@ -181,8 +247,23 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append("--backbone_weights and --scrl_pretrained_path both initialise the backbone: keep one")
     if args.scrl_pretrained_path and args.backbone != "resnet50":
         errors.append("--scrl_pretrained_path holds ResNet-50 weights: use --backbone resnet50")
+    if args.dilation and args.backbone not in ("resnet50", "resnet101"):
+        errors.append(f"--dilation needs a bottleneck ResNet (resnet50/101), not --backbone {args.backbone}")
     if args.eval and not args.resume:
         errors.append("--eval evaluates a checkpoint: add --resume PATH")
+    for flag in ("log_every", "eval_every", "lr_drop", "max_size", "val_size"):
+        if getattr(args, flag) < 1:
+            errors.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.scales is not None and min(args.scales) < 1:
+        errors.append(f"--scales must be positive sizes in pixels, got {args.scales}")
+    if args.clip_max_norm < 0:
+        errors.append(f"--clip_max_norm must be >= 0 (0 disables clipping), got {args.clip_max_norm}")
+    if args.resume == "auto" and not args.output_dir:
+        errors.append("--resume auto looks for <output_dir>/checkpoint.pth: add --output_dir")
+    if args.finetune and args.resume not in ("", "auto"):
+        errors.append("--finetune and --resume PATH both load weights: keep one (--resume restores a whole run)")
+    if args.finetune and args.eval:
+        errors.append("--eval evaluates the --resume checkpoint: drop --finetune")
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
     return args

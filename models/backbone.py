@@ -1,4 +1,5 @@
-"""Backbones: a torchvision ResNet with frozen BatchNorm, joined with a position encoding."""
+"""Backbones: a torchvision ResNet with frozen BatchNorm or a Swin Transformer (``models/swin.py``), joined
+with a position encoding."""
 from __future__ import annotations
 
 import logging
@@ -15,10 +16,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
+from .swin import SWINS, SwinBackbone
 
 logger = logging.getLogger(__name__)
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = RESNETS + SWINS
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -41,6 +44,26 @@ def _load_imagenet_weights(name: str) -> dict[str, Tensor]:
             f"Fix: download that file and pass it with --backbone_weights PATH, place it in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or train without them with --backbone_from_scratch."
         ) from err
+
+
+def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """The state dict in a local weights file (``--backbone_weights``): a bare state dict, or one under
+    ``model`` (the official Swin release, our checkpoints) or ``state_dict``; ``.safetensors`` files too."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--backbone_weights {path}: no such file. Pass the path of a local weights file "
+                                f"(e.g. torchvision's resnet50-0676ba61.pth, or swin_tiny_patch4_window7_224.pth "
+                                f"of the official Swin release).")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"--backbone_weights {path}: expected a state dict, got a {type(checkpoint).__name__}")
+    return checkpoint
 
 
 def _load_scrl_weights(path: str) -> dict[str, Tensor]:
@@ -125,20 +148,41 @@ class Joiner(nn.Sequential):
 
 
 def backbone_layers(args) -> tuple[int, ...]:
-    """ResNet stages each detector reads: C3-C5 for the multi-level Deformable family, C4 and C5 for
-    SDETR (stage 2 runs on C4, stage 1 on C5), C5 otherwise (DETR, single-level Deformable)."""
+    """Backbone stages (ResNet numbering, also for Swin) each detector reads, finest first.
+
+    Deformable family: the ``num_feature_levels`` coarsest of C3-C5 (further levels are strided
+    convolutions on C5), so 4 levels read C3-C5 and 2 levels C4-C5; SDETR: C4 and C5 (stage 2
+    runs on C4, stage 1 on C5); DETR: C5.
+    """
     if args.model == "sdetr":
         return (3, 4)
-    if args.model == "deformable" and args.num_feature_levels > 1:
-        return (2, 3, 4)
+    if args.model == "deformable":
+        return (2, 3, 4)[-min(args.num_feature_levels, 3):]
     return (4,)
 
 
 def build_backbone(args) -> Joiner:
     pretrained = not args.backbone_from_scratch
+    freeze_early_layers = pretrained and not args.finetune_early_layers
+    if args.backbone in SWINS:
+        if args.dilation:
+            raise ValueError(f"--dilation applies to ResNets (resnet50/101), not --backbone {args.backbone}")
+        if args.backbone_weights:
+            state_dict = read_weights_file(args.backbone_weights)
+        elif pretrained:
+            raise WeightsUnavailableError(
+                f"--backbone {args.backbone} has no downloadable ImageNet weights here. Fix: pass the Swin-T "
+                f"ImageNet checkpoint (swin_tiny_patch4_window7_224.pth of the official Swin release, or a timm "
+                f"one) with --backbone_weights PATH, or train without it with --backbone_from_scratch (also the "
+                f"flag to use when a checkpoint's weights replace the backbone's anyway, e.g. to evaluate).")
+        else:
+            state_dict = None
+        backbone = SwinBackbone(name=args.backbone, train_backbone=args.lr_backbone > 0,
+                                return_layers=backbone_layers(args), freeze_early_layers=freeze_early_layers,
+                                state_dict=state_dict, source=f"--backbone_weights {args.backbone_weights}")
+        return Joiner(backbone, build_position_encoding(args))
     if args.backbone_weights:
-        state_dict = torch.load(args.backbone_weights, map_location="cpu", weights_only=False)
-        state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
+        state_dict = read_weights_file(args.backbone_weights)
     elif args.scrl_pretrained_path:
         state_dict = _load_scrl_weights(args.scrl_pretrained_path)
     elif pretrained:
@@ -150,7 +194,7 @@ def build_backbone(args) -> Joiner:
         train_backbone=args.lr_backbone > 0,
         return_layers=backbone_layers(args),
         dilation=args.dilation,
-        freeze_early_layers=pretrained and not args.finetune_early_layers,
+        freeze_early_layers=freeze_early_layers,
         state_dict=state_dict,
     )
     return Joiner(backbone, build_position_encoding(args))

@@ -20,6 +20,7 @@ VARIANTS = {
     "enc_aux_dense": ["--use_enc_aux_loss"],
     "no_aux_loss": ["--no_aux_loss"],
     "one_level": ["--num_feature_levels", "1"],
+    "two_levels": ["--num_feature_levels", "2"],
 }
 
 

@@ -1,0 +1,311 @@
+"""Tests of engine.py: training / evaluation runs on a tiny synthetic COCO, exact resume, checkpoints,
+optimiser groups, non-finite losses, and a two-process (gloo) run."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from datasets import build_dataset
+from main import parse_args
+from models import build_model
+from tools.make_synthetic_coco import make_synthetic_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny Deformable DETR on 64-pixel images; the frozen backbone (--lr_backbone 0) keeps the steps cheap.
+TINY = ("--model deformable --backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 1 "
+        "--dec_layers 1 --dim_feedforward 64 --num_queries 10 --num_feature_levels 3 --enc_n_points 2 "
+        "--dec_n_points 2 --num_classes 4 --batch_size 2 --num_workers 0 --device cpu --lr_scaling none "
+        "--scales 64 --val_size 64 --max_size 64 --lr_backbone 0 --log_every 2").split()
+SPARSE_DETR = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.3",
+               "--use_enc_aux_loss", "--enc_layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    make_synthetic_coco(root, num_train=8, num_val=4, seed=0, size=64)
+    return root
+
+
+def tiny_args(coco_root: Path, *extra: str):
+    return parse_args([*TINY, "--coco_path", str(coco_root), *extra])
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def train_stats(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("train_")}
+
+
+@pytest.fixture(scope="module")
+def sparse_runs(coco_root, tmp_path_factory) -> dict[str, Path]:
+    """Sparse DETR, lr drop after every epoch: 'full' trains 2 epochs straight; 'resumed' trains 1 epoch,
+    then a second run resumes its checkpoint for epoch 2."""
+    full, resumed = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("resumed")
+    common = [*SPARSE_DETR, "--lr_drop", "1"]
+    engine.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(full)))
+    engine.run(tiny_args(coco_root, *common, "--epochs", "1", "--output_dir", str(resumed)))
+    engine.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(resumed),
+                         "--resume", str(resumed / "checkpoint.pth")))
+    return {"full": full, "resumed": resumed}
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_one_epoch_writes_checkpoint_and_log_then_resume_auto_continues(coco_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    record = engine.run(tiny_args(coco_root, "--epochs", "1", "--output_dir", str(out), "--resume", "auto"))
+    assert "no checkpoint" in caplog.text and "starting a fresh run" in caplog.text
+    assert (out / "checkpoint.pth").is_file()
+    assert not (out / "checkpoint0000.pth").exists()  # only every 5 epochs and before lr drops (40 here)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "log.txt"]  # no temporary file left
+    (line,) = read_log(out)
+    assert line == record
+    assert line["epoch"] == 0 and line["n_parameters"] > 0
+    assert len(line["test_coco_eval_bbox"]) == 12 and all(-1 <= v <= 1 for v in line["test_coco_eval_bbox"])
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_giou_unscaled",
+                "train_class_error", "train_lr", "train_grad_norm", "test_loss", "test_loss_ce", "test_class_error"):
+        assert math.isfinite(line[key]), key
+    assert line["train_lr"] == pytest.approx(2e-4)
+
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "scaler", "rng_state"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 0 and len(checkpoint["rng_state"]) == 1
+
+    caplog.clear()
+    engine.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    assert "resuming from" in caplog.text
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
+def test_resume_reproduces_the_uninterrupted_run(sparse_runs):
+    full, resumed = read_log(sparse_runs["full"]), read_log(sparse_runs["resumed"])
+    assert [r["epoch"] for r in full] == [r["epoch"] for r in resumed] == [0, 1]
+    assert train_stats(resumed[0]) == train_stats(full[0])
+    # Epoch 2 restarts from the checkpoint: same weights, optimiser moments, lr schedule, data order, dropout.
+    assert train_stats(resumed[1]) == train_stats(full[1])
+    assert full[1]["train_lr"] == pytest.approx(0.1 * full[0]["train_lr"])  # the StepLR drop survived
+    assert resumed[1]["test_loss"] == full[1]["test_loss"]
+    a = torch.load(sparse_runs["full"] / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(sparse_runs["resumed"] / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Extra checkpoints before every lr drop (--lr_drop 1).
+    assert (sparse_runs["full"] / "checkpoint0000.pth").is_file()
+    assert (sparse_runs["full"] / "checkpoint0001.pth").is_file()
+
+
+def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(coco_root, sparse_runs):
+    out = sparse_runs["full"]
+    stats = engine.run(tiny_args(coco_root, *SPARSE_DETR, "--eval", "--resume", str(out / "checkpoint0000.pth")))
+    logged = read_log(out)[0]
+    assert stats["test_coco_eval_bbox"] == logged["test_coco_eval_bbox"]
+    assert stats["test_loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
+    assert stats["test_class_error"] == pytest.approx(logged["test_class_error"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+
+def test_checkpoint_of_another_variant_fails_with_the_cause(coco_root, sparse_runs):
+    model, _, _ = build_model(tiny_args(coco_root))  # plain Deformable DETR
+    checkpoint = engine.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
+    with pytest.raises(engine.CheckpointMismatchError) as info:
+        engine.load_model_strict(model, checkpoint, "sparse.pth", tiny_args(coco_root))
+    message = str(info.value)
+    assert "missing from the checkpoint" in message and "unexpected in the checkpoint" in message
+    assert "query_embed.weight" in message and "transformer.enc_mask_predictor" in message
+    assert "--two_stage is True in the checkpoint but False now" in message
+    # An official-style checkpoint holds only the weights: the cause is read from the key names.
+    with pytest.raises(engine.CheckpointMismatchError, match=r"--two_stage differs.*--rho differs"):
+        engine.load_model_strict(model, {"model": checkpoint["model"]}, "official.pth", tiny_args(coco_root))
+
+
+def test_finetune_skips_tensors_of_another_shape(coco_root, sparse_runs, caplog):
+    caplog.set_level(logging.INFO)
+    model, _, _ = build_model(tiny_args(coco_root, *SPARSE_DETR, "--num_classes", "7"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = engine.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
+    engine.load_finetune_weights(model, checkpoint, "sparse.pth")
+    after = model.state_dict()
+    for key, value in checkpoint["model"].items():
+        if key.endswith(("class_embed.0.weight", "class_embed.0.bias")) or "class_embed" in key:
+            assert torch.equal(after[key], before[key]), key  # 4 classes there, 7 here: kept as initialised
+        else:
+            assert torch.equal(after[key], value), key
+    assert "skipping class_embed.0.weight: shape (4, 64)" in caplog.text
+
+
+def test_resume_auto_without_output_dir_and_finetune_with_resume_are_rejected(coco_root):
+    with pytest.raises(SystemExit, match="--resume auto"):
+        tiny_args(coco_root, "--resume", "auto")
+    with pytest.raises(SystemExit, match="--finetune"):
+        tiny_args(coco_root, "--resume", "a.pth", "--finetune", "b.pth")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    engine.save_checkpoint({"epoch": 1}, path)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_checkpoint_paths_follow_the_reference():
+    out = Path("out")
+    names = {epoch: [p.name for p in engine.checkpoint_paths(out, epoch, lr_drop=40)] for epoch in range(50)}
+    assert names[0] == ["checkpoint.pth"]
+    assert names[4] == ["checkpoint.pth", "checkpoint0004.pth"]
+    assert names[39] == ["checkpoint.pth", "checkpoint0039.pth"]
+    assert sum(len(n) == 2 for n in names.values()) == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step pieces
+
+
+def test_non_finite_loss_raises_with_its_name_and_iteration(coco_root, monkeypatch):
+    args = tiny_args(coco_root)
+    model, criterion, _ = build_model(args)
+    loader = engine.build_data_loader(build_dataset("train", args), args, engine.DistContext(), train=True,
+                                      device=torch.device("cpu"))
+    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    real_forward, calls = criterion.forward, []
+
+    def second_call_is_nan(outputs, targets):
+        losses = real_forward(outputs, targets)
+        calls.append(1)
+        if len(calls) == 2:
+            losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(criterion, "forward", second_call_is_nan)
+    with pytest.raises(RuntimeError, match=r"epoch 3, iteration 1 \(batch 2 of 4\).*loss_giou=nan") as info:
+        engine.train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
+    assert "loss_bbox" not in str(info.value)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step was not applied
+
+
+@pytest.mark.parametrize("variant", [[], SPARSE_DETR], ids=["deformable", "sparse_detr"])
+def test_optimizer_param_groups(coco_root, variant):
+    args = tiny_args(coco_root, *variant, "--lr", "1e-3", "--lr_backbone", "1e-4", "--lr_linear_proj_mult", "0.1")
+    model, _, _ = build_model(args)
+    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4, 1e-4])
+    assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups)  # no tensor in two groups
+    names = {"backbone": 0, "linear": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert id(param) not in lr_of, name
+        elif "sampling_offsets" in name or "reference_points" in name:
+            assert lr_of[id(param)] == pytest.approx(1e-4), name
+            names["linear"] += 1
+        elif name.startswith("backbone.0"):
+            assert lr_of[id(param)] == pytest.approx(1e-4), name
+            names["backbone"] += 1
+        else:
+            assert lr_of[id(param)] == pytest.approx(1e-3), name
+    assert names["backbone"] > 0 and names["linear"] > 0
+
+
+def test_sqrt_lr_scaling(coco_root, caplog):
+    caplog.set_level(logging.INFO)
+    args = tiny_args(coco_root, "--lr_scaling", "sqrt", "--lr", "2e-4", "--lr_backbone", "2e-5", "--batch_size", "4")
+    lr, lr_backbone = engine.scaled_learning_rates(args, world_size=2)
+    assert (lr, lr_backbone) == pytest.approx((2e-4 * math.sqrt(8 / 16), 2e-5 * math.sqrt(8 / 16)))
+    assert "lr 0.0002 -> 0.0001414" in caplog.text
+    assert engine.scaled_learning_rates(tiny_args(coco_root), world_size=8) == (2e-4, 0.0)  # --lr_scaling none
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_step(coco_root, amp):
+    args = tiny_args(coco_root, "--amp", amp)
+    model, criterion, _ = build_model(args)
+    loader = engine.build_data_loader(build_dataset("train", args), args, engine.DistContext(), train=True,
+                                      device=torch.device("cpu"))
+    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    scaler = torch.amp.GradScaler("cpu", enabled=amp == "fp16")
+    one_batch = [next(iter(loader))]
+    stats = engine.train_one_epoch(model, criterion, one_batch, optimizer, torch.device("cpu"), 0, 0.1, scaler,
+                                   engine.AMP_DTYPES[amp])
+    assert math.isfinite(stats["loss"])
+    if amp == "fp16":  # the first steps may overflow at the initial scale: skipped and counted, never NaN in logs
+        assert stats["skipped_steps"] in (0, 1)
+        assert stats["skipped_steps"] == 1 or stats["grad_norm"] > 0
+    else:
+        assert "skipped_steps" not in stats and stats["grad_norm"] > 0
+
+
+def test_resumed_schedule_follows_a_new_lr_drop():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=40)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    engine.set_lr_drop(scheduler, 4)  # epoch 10 with a drop every 4: two drops so far
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # third drop at epoch 12
+
+
+def test_metric_logger_logs_progress_with_eta(caplog):
+    caplog.set_level(logging.INFO)
+    metrics = engine.MetricLogger()
+    for i in metrics.log_every(range(5), every=2, header="Epoch: [0]"):
+        metrics.update(loss=float(i * i))
+    assert metrics.global_averages() == {"loss": 6.0}
+    progress = [r.getMessage() for r in caplog.records if "eta:" in r.getMessage()]
+    assert [m.split("]")[1].strip("  [") for m in progress] == ["0/5", "2/5", "4/5"]
+    assert "loss: 1.0000 (1.6667)" in progress[1]  # window median (global average) after items 0, 1, 2
+    assert "Epoch: [0] total time" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
+    """torchrun, 2 CPU processes (gloo): box refinement without auxiliary losses leaves the first decoder
+    layer's heads unused, so DDP needs find_unused_parameters."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "main.py"), *TINY, "--coco_path", str(coco_root), "--with_box_refine", "--no_aux_loss",
+               "--dec_layers", "2", "--epochs", "1", "--output_dir", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "find_unused_parameters=True" in result.stderr
+    assert "[rank 0]" in result.stderr and "[rank 1] INFO" not in result.stderr
+    (line,) = read_log(out)
+    assert len(line["test_coco_eval_bbox"]) == 12 and math.isfinite(line["train_loss"])
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert len(checkpoint["rng_state"]) == 2
