@@ -275,8 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from engine import run
-    run(args)
+    """Run, turning problems with the user's files and setup into a one-paragraph error."""
+    from engine import CheckpointMismatchError, run
+    from models.backbone import WeightsUnavailableError
+    try:
+        run(args)
+    except (FileNotFoundError, WeightsUnavailableError, CheckpointMismatchError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

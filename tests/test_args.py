@@ -42,3 +42,21 @@ def test_unknown_flag_is_rejected(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--masks"])
     assert "unrecognized arguments: --masks" in capsys.readouterr().err
+
+
+def test_unavailable_imagenet_weights_name_the_fixes(monkeypatch):
+    """Offline: the error names --backbone_weights and --backbone_from_scratch, not a deep traceback."""
+    import urllib.error
+
+    import main
+    from torchvision.models import ResNet18_Weights
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as exc:
+        main.main(parse_args(["--device", "cpu", "--backbone", "resnet18", "--coco_path", "/nonexistent"]))
+    message = str(exc.value)
+    assert message.startswith("error: Could not get the ImageNet weights of resnet18")
+    assert "--backbone_weights PATH" in message and "--backbone_from_scratch" in message
