@@ -1,0 +1,127 @@
+"""Plot the loss and AP curves of one or more training runs in one PNG, e.g. to compare Sparse DETR's rho:
+
+    python tools/plot_logs.py exps/r50_sparse_detr_rho_0.1 exps/r50_sparse_detr_rho_0.3 --out rho.png
+
+Each run is a folder holding ``log.txt`` (or that file itself): one JSON object per epoch with ``epoch``,
+``train_loss``, ``test_loss``, ``test_coco_eval_bbox`` (the 12 COCO numbers: AP, AP50, ...) and other
+``train_*`` / ``test_*`` values. Panels: train (solid) and test (dashed) loss, AP and AP50, then one per
+``--keys`` entry (e.g. ``--keys loss_ce loss_mask_prediction`` plots train and test of each). The legend names
+each run by its folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def log_path(run: str | Path) -> Path:
+    path = Path(run)
+    return path / "log.txt" if path.is_dir() else path
+
+
+def read_log(run: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of a run, one per epoch (the last one written wins, as after a resume), by epoch."""
+    path = log_path(run)
+    if not path.is_file():
+        raise SystemExit(f"no log.txt in {run}" if Path(run).is_dir() else f"log not found: {run}")
+    records: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{number}: not JSON, skipped")
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records[int(record["epoch"])] = record
+    return [records[epoch] for epoch in sorted(records)]
+
+
+def run_labels(runs: Sequence[str | Path]) -> list[str]:
+    """Each run's folder name, with its parent's where two runs share a name."""
+    folders = [log_path(run).resolve().parent for run in runs]
+    names = [folder.name for folder in folders]
+    return [f"{folder.parent.name}/{name}" if names.count(name) > 1 else name for folder, name in zip(folders, names)]
+
+
+def _series(records: Sequence[dict[str, Any]], key: str, index: Optional[int] = None) -> tuple[list, list]:
+    epochs, values = [], []
+    for record in records:
+        value = record.get(key)
+        if index is not None:
+            value = value[index] if isinstance(value, (list, tuple)) and len(value) > index else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            epochs.append(record["epoch"])
+            values.append(value)
+    return epochs, values
+
+
+def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ()) -> Path:
+    """Write the PNG ``out`` comparing ``runs``; returns its path."""
+    logs = [read_log(run) for run in runs]
+    labels = run_labels(runs)
+    panels: list[tuple[str, list[tuple[str, Optional[int], str]]]] = [
+        ("loss", [("train_loss", None, "-"), ("test_loss", None, "--")]),
+        ("AP", [("test_coco_eval_bbox", 0, "-")]),
+        ("AP50", [("test_coco_eval_bbox", 1, "-")]),
+    ]
+    for key in keys:
+        key = key.removeprefix("train_").removeprefix("test_")
+        panels.append((key, [(f"train_{key}", None, "-"), (f"test_{key}", None, "--")]))
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, curves) in zip(axes.flat, panels):
+        drawn = False
+        for run_index, (records, label) in enumerate(zip(logs, labels)):
+            for key, index, style in curves:
+                epochs, values = _series(records, key, index)
+                if not epochs:
+                    continue
+                split = f" ({key.split('_')[0]})" if len(curves) > 1 else ""
+                ax.plot(epochs, values, style, color=colors[run_index % len(colors)], marker="." if
+                        len(epochs) < 30 else None, label=f"{label}{split}")
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"no {title} in these logs", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their log.txt files)")
+    parser.add_argument("--out", required=True, metavar="PNG", help="image to write")
+    parser.add_argument("--keys", nargs="*", default=[], metavar="KEY",
+                        help="more train_/test_ values to plot, one panel each (e.g. loss_ce class_error)")
+    args = parser.parse_args(argv)
+    out = plot_logs(args.runs, args.out, args.keys)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

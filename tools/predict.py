@@ -1,0 +1,238 @@
+"""Detect objects in images with a trained checkpoint: COCO-format JSON detections and one PNG per image.
+
+    python tools/predict.py --resume exps/r50_sparse_detr_rho_0.1/checkpoint.pth photos/ dog.jpg --out preds
+
+The model is rebuilt from the ``args`` stored in the checkpoint (ours store them). Official checkpoints hold
+the weights only: give the model flags after ``--``, e.g.
+
+    python tools/predict.py --resume sparse_detr_swint_10.pth img.jpg --out preds -- \\
+        --backbone swin_tiny --with_box_refine --two_stage --eff_query_init --eff_specific_head --rho 0.1 \\
+        --use_enc_aux_loss
+
+Images go through the validation transform (shorter side ``--size``, longer at most ``--max_size``) in batches
+of ``--batch_size``. ``DIR/detections.json`` lists every detection scoring at least ``--threshold`` as
+``{"image_id", "file_name", "category_id", "bbox": [x, y, w, h], "score"}`` in the original image's pixels
+(``--threshold 0`` keeps all of them, e.g. for COCO evaluation); ``image_id`` is the image's id in the
+``--categories`` annotation file when it lists the file, else its position in the input (from 1).
+``DIR/<image name>.png`` draws the same detections with class names: COCO's for 91-class models, those of
+``--categories`` (a COCO-format annotation JSON) when given, the category ids otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets.transforms import make_coco_transforms  # noqa: E402
+from main import get_args_parser, parse_args, validate_args  # noqa: E402
+from models import build_model  # noqa: E402
+from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+# The 80 COCO detection categories by their ids (1-90, ten ids unused).
+COCO_CATEGORY_NAMES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
+    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
+    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
+    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
+
+
+def model_args(stored: Any, model_flags: Sequence[str], device: str) -> argparse.Namespace:
+    """The model's arguments: ``model_flags`` when given (or nothing is stored), else the stored ``args`` laid
+    over today's defaults (older and official checkpoints lack newer flags). The backbone is never initialised
+    from ImageNet weights: the checkpoint replaces them."""
+    if model_flags or stored is None:
+        return parse_args(["--device", device, "--backbone_from_scratch", *model_flags])
+    saved = vars(stored) if isinstance(stored, argparse.Namespace) else dict(stored)
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False)
+    values = vars(parser.parse_args([]))
+    values.update({k: v for k, v in saved.items() if k in values})
+    if values["backbone"] == "swin-t":  # the reference's name
+        values["backbone"] = "swin_tiny"
+    values.update(device=device, backbone_from_scratch=True, backbone_weights="", scrl_pretrained_path="",
+                  resume="", finetune="", eval=False, output_dir="")
+    return validate_args(argparse.Namespace(**values))
+
+
+def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str):
+    """``(model in eval mode on device, bbox postprocessor, args)`` for a checkpoint."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, Mapping) and "model" not in checkpoint:
+        checkpoint = {"model": checkpoint}  # a bare state dict
+    args = model_args(checkpoint.get("args"), model_flags, device)
+    model, _, postprocessors = build_model(args)
+    state_dict = dict(checkpoint["model"])
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        source = "the flags after --" if model_flags or "args" not in checkpoint else "the args stored in it"
+        raise SystemExit(f"the weights of {path} do not fit the model built from {source}: {err}\n"
+                         f"Give the checkpoint's model flags after --, e.g. -- --with_box_refine --two_stage") from err
+    return model.to(device).eval(), postprocessors["bbox"], args
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    """Image files among ``inputs`` (files, or folders whose images are taken in name order)."""
+    images = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise SystemExit(f"image or folder not found: {path}")
+    if not images:
+        raise SystemExit(f"no images in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def category_names(num_classes: int, annotations: Optional[Mapping[str, Any]]) -> dict[int, str]:
+    """Display names by category id: from the annotation file's ``categories``, else COCO's for 91-class
+    models, else none (ids are shown)."""
+    if annotations is not None:
+        return {int(c["id"]): str(c["name"]) for c in annotations.get("categories", [])}
+    return dict(COCO_CATEGORY_NAMES) if num_classes == 91 else {}
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, postprocessor, images: Sequence[PIL.Image.Image], transform,
+           device: str) -> list[dict[str, torch.Tensor]]:
+    """Postprocessed detections (scores, labels, absolute xyxy boxes in original pixels) of a batch."""
+    tensors = [transform(image, None)[0] for image in images]
+    samples = nested_tensor_from_tensor_list(tensors).to(device)
+    sizes = torch.tensor([[image.height, image.width] for image in images], device=device)
+    return [{k: v.cpu() for k, v in d.items()} for d in postprocessor(model(samples), sizes)]
+
+
+def draw_detections(image: PIL.Image.Image, detections: Sequence[Mapping[str, Any]], names: Mapping[int, str],
+                    out: Path) -> None:
+    canvas = image.convert("RGB")
+    draw = PIL.ImageDraw.Draw(canvas)
+    font_size = max(10, min(canvas.size) // 40)
+    try:
+        font = PIL.ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow < 10.1
+        font = PIL.ImageFont.load_default()
+    line = max(1, min(canvas.size) // 300)
+    for det in sorted(detections, key=lambda d: d["score"]):  # best drawn last, on top
+        x, y, w, h = det["bbox"]
+        color = PALETTE[det["category_id"] % len(PALETTE)]
+        draw.rectangle([x, y, x + w, y + h], outline=color, width=line)
+        text = f"{names.get(det['category_id'], str(det['category_id']))} {det['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        text_y = y - (bottom - top) - 2 if y - (bottom - top) - 2 >= 0 else y
+        draw.rectangle([x, text_y, x + right - left + 4, text_y + bottom - top + 2], fill=color)
+        draw.text((x + 2 - left, text_y + 1 - top), text, fill=(255, 255, 255), font=font)
+    canvas.save(out, format="PNG")
+
+
+def _png_paths(images: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``out_dir/<stem>.png``, with ``_<n>`` appended where two inputs share a stem."""
+    paths, used = [], set()
+    for image in images:
+        name, n = image.stem, 1
+        while name in used:
+            name, n = f"{image.stem}_{n}", n + 1
+        used.add(name)
+        paths.append(out_dir / f"{name}.png")
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_flags: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, model_flags = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint (ours or official)")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for detections.json and the PNGs")
+    parser.add_argument("--threshold", type=float, default=0.5, help="lowest score kept (JSON and PNGs)")
+    parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda")
+    parser.add_argument("--categories", default="", metavar="JSON",
+                        help="COCO-format annotation file whose categories name the classes")
+    parser.add_argument("--size", type=int, default=800, help="shorter side the images are resized to")
+    parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+
+    annotations = None
+    if args.categories:
+        if not Path(args.categories).is_file():
+            raise SystemExit(f"--categories {args.categories}: no such file")
+        annotations = json.loads(Path(args.categories).read_text())
+    images = find_images(args.inputs)
+    model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device)
+    names = category_names(model_args_.num_classes, annotations)
+    image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
+    transform = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png_paths = _png_paths(images, out_dir)
+
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start:start + args.batch_size]
+        batch = []
+        for path in paths:
+            with PIL.Image.open(path) as image:
+                batch.append(image.convert("RGB"))
+        for offset, (path, image, dets) in enumerate(zip(paths, batch, detect(model, postprocessor, batch,
+                                                                              transform, args.device))):
+            position = start + offset
+            image_dets = []
+            for score, label, box in zip(dets["scores"].tolist(), dets["labels"].tolist(), dets["boxes"].tolist()):
+                if score < args.threshold:
+                    continue
+                x0, y0 = max(0.0, box[0]), max(0.0, box[1])
+                x1, y1 = min(float(image.width), box[2]), min(float(image.height), box[3])
+                image_dets.append({"image_id": image_ids.get(path.name, position + 1), "file_name": path.name,
+                                   "category_id": int(label),
+                                   "bbox": [round(x0, 2), round(y0, 2), round(max(0.0, x1 - x0), 2),
+                                            round(max(0.0, y1 - y0), 2)],
+                                   "score": round(float(score), 5)})
+            image_dets.sort(key=lambda d: -d["score"])
+            draw_detections(image, image_dets, names, png_paths[position])
+            results += image_dets
+    (out_dir / "detections.json").write_text(json.dumps(results))
+    print(f"{len(results)} detections in {len(images)} images (score >= {args.threshold}): "
+          f"{out_dir / 'detections.json'} and {len(images)} PNGs in {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
