@@ -771,7 +771,9 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     if output_dir is not None and is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    model, criterion, postprocessors = build_model(args)
+    resume_path = resolve_resume(args)
+    # A resumed checkpoint replaces every weight: no need to fetch the backbone's ImageNet weights.
+    model, criterion, postprocessors = build_model(args, load_backbone_weights=resume_path is None)
     model.to(device)
     criterion.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -781,7 +783,6 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     dataset_val = build_dataset("val", args)
     base_ds = get_coco_api_from_dataset(dataset_val)
     loader_val = build_data_loader(dataset_val, args, ctx, train=False, device=device)
-    resume_path = resolve_resume(args)
 
     if args.eval:
         load_model_strict(model, load_checkpoint(resume_path), resume_path, args)

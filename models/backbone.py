@@ -161,27 +161,33 @@ def backbone_layers(args) -> tuple[int, ...]:
     return (4,)
 
 
-def build_backbone(args) -> Joiner:
+def build_backbone(args, *, load_weights: bool = True) -> Joiner:
+    """The backbone of ``args``. ``load_weights=False`` skips reading its initial weights (a
+    checkpoint will replace them) but freezes layers as if they had been loaded."""
     pretrained = not args.backbone_from_scratch
     freeze_early_layers = pretrained and not args.finetune_early_layers
     if args.backbone in SWINS:
         if args.dilation:
             raise ValueError(f"--dilation applies to ResNets (resnet50/101), not --backbone {args.backbone}")
-        if args.backbone_weights:
+        if not load_weights:
+            state_dict = None
+        elif args.backbone_weights:
             state_dict = read_weights_file(args.backbone_weights)
         elif pretrained:
             raise WeightsUnavailableError(
                 f"--backbone {args.backbone} has no downloadable ImageNet weights here. Fix: pass the Swin-T "
                 f"ImageNet checkpoint (swin_tiny_patch4_window7_224.pth of the official Swin release, or a timm "
                 f"one) with --backbone_weights PATH, or train without it with --backbone_from_scratch (also the "
-                f"flag to use when a checkpoint's weights replace the backbone's anyway, e.g. to evaluate).")
+                f"flag to use when a checkpoint's weights replace the backbone's anyway).")
         else:
             state_dict = None
         backbone = SwinBackbone(name=args.backbone, train_backbone=args.lr_backbone > 0,
                                 return_layers=backbone_layers(args), freeze_early_layers=freeze_early_layers,
                                 state_dict=state_dict, source=f"--backbone_weights {args.backbone_weights}")
         return Joiner(backbone, build_position_encoding(args))
-    if args.backbone_weights:
+    if not load_weights:
+        state_dict = None
+    elif args.backbone_weights:
         state_dict = read_weights_file(args.backbone_weights)
     elif args.scrl_pretrained_path:
         state_dict = _load_scrl_weights(args.scrl_pretrained_path)

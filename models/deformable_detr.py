@@ -164,10 +164,10 @@ class DeformableDETR(nn.Module):
         return out
 
 
-def build_deformable_detr(args) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
+def build_deformable_detr(args, *, load_backbone_weights: bool = True) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
     """The Deformable DETR family from parsed ``main.py`` arguments."""
     model = DeformableDETR(
-        backbone=build_backbone(args),
+        backbone=build_backbone(args, load_weights=load_backbone_weights),
         transformer=build_deformable_transformer(args),
         num_classes=args.num_classes,
         num_queries=args.num_queries,

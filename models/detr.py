@@ -128,17 +128,17 @@ def _criterion(args, num_decoder_outputs: int) -> SetCriterion:
                         focal=False, eos_coef=args.eos_coef)
 
 
-def build_detr(args) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
+def build_detr(args, *, load_backbone_weights: bool = True) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """DETR, its criterion (softmax cross-entropy, no-object weight ``--eos_coef``) and post-processing."""
     transformer = build_transformer(args)
-    model = DETR(backbone=build_backbone(args), transformer=transformer, num_classes=args.num_classes,
+    model = DETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer=transformer, num_classes=args.num_classes,
                  num_queries=args.num_queries, aux_loss=args.aux_loss)
     return model, _criterion(args, transformer.decoder.num_layers), {"bbox": PostProcess(focal=False)}
 
 
-def build_sdetr(args) -> tuple[SDETR, SetCriterion, dict[str, nn.Module]]:
+def build_sdetr(args, *, load_backbone_weights: bool = True) -> tuple[SDETR, SetCriterion, dict[str, nn.Module]]:
     """SDETR, its criterion (as DETR's, over all decoder outputs of both stages) and post-processing."""
     transformer1, transformer2 = build_sdetr_transformers(args)
-    model = SDETR(backbone=build_backbone(args), transformer1=transformer1, transformer2=transformer2,
+    model = SDETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer1=transformer1, transformer2=transformer2,
                   num_classes=args.num_classes, num_queries=args.num_queries, aux_loss=args.aux_loss)
     return model, _criterion(args, model.num_decoder_outputs), {"bbox": PostProcess(focal=False)}

@@ -85,7 +85,7 @@ def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: 
     if isinstance(checkpoint, Mapping) and "model" not in checkpoint:
         checkpoint = {"model": checkpoint}  # a bare state dict
     args = model_args(checkpoint.get("args"), model_flags, device)
-    model, _, postprocessors = build_model(args)
+    model, _, postprocessors = build_model(args, load_backbone_weights=False)
     state_dict = dict(checkpoint["model"])
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}

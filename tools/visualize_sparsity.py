@@ -35,11 +35,10 @@ def load_model(checkpoint_path: str, model_flags: list[str], device: str) -> tor
         args = checkpoint["args"]
         args.device = device
     else:
-        args = parse_args(["--device", device, "--backbone_from_scratch", *model_flags])
+        args = parse_args(["--device", device, *model_flags])
     if not args.rho:
         raise SystemExit(f"{checkpoint_path} is not a Sparse DETR model (rho = 0): nothing to visualise")
-    args.backbone_from_scratch, args.backbone_weights, args.scrl_pretrained_path = True, "", ""
-    model, _, _ = build_model(args)
+    model, _, _ = build_model(args, load_backbone_weights=False)
     model.load_state_dict(checkpoint["model"], strict=True)
     return model.to(device).eval()
 
