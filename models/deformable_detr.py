@@ -58,6 +58,8 @@ class DeformableDETR(nn.Module):
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
         two_stage, enc_aux = transformer.two_stage, transformer.use_enc_aux_loss
+        if two_stage and not with_box_refine:
+            raise ValueError("a two-stage transformer needs with_box_refine=True: the decoder refines the proposals")
         hidden_dim = transformer.d_model
 
         class_embed = nn.Linear(hidden_dim, num_classes)
@@ -76,10 +78,12 @@ class DeformableDETR(nn.Module):
             _init_size_bias(bbox_embed, -2.0)
             self.class_embed = nn.ModuleList(class_embed for _ in range(num_heads))
             self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_heads))
+        # Attached in the reference's order (class, then box), which fixes the state-dict key order.
+        if two_stage:
+            transformer.decoder.class_embed = self.class_embed
         if with_box_refine:
             transformer.decoder.bbox_embed = self.bbox_embed
         if two_stage:
-            transformer.decoder.class_embed = self.class_embed
             for head in self.bbox_embed:
                 _init_size_bias(head, 0.0)
         if enc_aux:

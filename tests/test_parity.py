@@ -1,4 +1,6 @@
-"""Parity with the reference implementation (kakaobrain/sparse-detr) on its recorded fixtures."""
+"""Parity with the original implementations on their recorded fixtures (../shared/fixtures):
+kakaobrain/sparse-detr (Deformable, Efficient, Sparse DETR), facebookresearch/detr, shengwenyuan/sdetr.
+Same weights in, same outputs, losses, gradient norms and detections out."""
 import pytest
 import torch
 
@@ -6,8 +8,16 @@ from util.misc import nested_tensor_from_tensor_list
 
 from reference import assert_close_tree, build_fixture_model, load_fixture
 
-FIXTURES = ["deformable_detr", "deformable_detr_refine_two_stage", "efficient_detr",
-            "sparse_detr_rho0.1", "sparse_detr_rho0.3"]
+# fixture name -> --model
+FIXTURES = {
+    "deformable_detr": "deformable",
+    "deformable_detr_refine_two_stage": "deformable",
+    "efficient_detr": "deformable",
+    "sparse_detr_rho0.1": "deformable",
+    "sparse_detr_rho0.3": "deformable",
+    "detr": "detr",
+    "sdetr": "sdetr",
+}
 
 
 def _double_targets(targets):
@@ -16,9 +26,9 @@ def _double_targets(targets):
 
 @pytest.fixture(scope="module", params=FIXTURES)
 def run(request):
-    """Build the fixture's model with its weights and run forward, losses, backward and post-processing."""
+    """Build the fixture's model with its weights; run forward, losses, backward and post-processing."""
     fixture = load_fixture(request.param)
-    model, criterion, postprocessors = build_fixture_model(fixture)
+    model, criterion, postprocessors = build_fixture_model(fixture, FIXTURES[request.param])
     samples = nested_tensor_from_tensor_list([img.double() for img in fixture["images"]])
     model.train()
     outputs = model(samples)
@@ -32,6 +42,10 @@ def run(request):
                 detections=detections)
 
 
+def test_state_dict_layout(run):
+    assert list(run["model"].state_dict()) == list(run["fixture"]["state_dict_keys"])
+
+
 def test_outputs(run):
     assert_close_tree(run["outputs"], run["fixture"]["outputs"], rtol=1e-4, atol=1e-5)
 
@@ -41,14 +55,15 @@ def test_losses(run):
     assert set(losses) == set(expected)
     for name, value in expected.items():
         assert float(losses[name].detach()) == pytest.approx(value, rel=1e-4, abs=1e-9), name
-    assert float(run["total"]) == pytest.approx(run["fixture"]["total_loss"], rel=1e-4)
+    assert float(run["total"].detach()) == pytest.approx(run["fixture"]["total_loss"], rel=1e-4)
 
 
 def test_weight_dict_names_every_loss(run):
+    """The criterion returns exactly the weighted losses (plus metrics), weighted as the reference."""
     loss_names = {k for k in run["losses"] if k.startswith("loss_")}
     assert loss_names == set(run["criterion"].weight_dict)
     reference = run["fixture"]["weight_dict"]
-    assert all(run["criterion"].weight_dict[k] == reference[k] for k in loss_names)
+    assert {k: reference[k] for k in loss_names} == run["criterion"].weight_dict
 
 
 def test_gradient_norms(run):
@@ -63,6 +78,7 @@ def test_gradient_norms(run):
 
 
 def test_postprocess(run):
+    assert len(run["detections"]) == len(run["fixture"]["postprocess"])
     for actual, expected in zip(run["detections"], run["fixture"]["postprocess"]):
         torch.testing.assert_close(actual["scores"].float(), expected["scores"], rtol=1e-4, atol=1e-5)
         assert torch.equal(actual["labels"], expected["labels"])

@@ -1,81 +1,9 @@
-"""DETR (facebookresearch/detr) and SDETR (shengwenyuan/sdetr): parity with the references on their
-recorded fixtures, and small random-weight runs that need no fixture."""
+"""DETR and SDETR: small random-weight runs and their flags (parity is in test_parity.py)."""
 import pytest
 import torch
 
 from main import get_args_parser, validate_args
 from models import build_model
-from util.misc import nested_tensor_from_tensor_list
-
-from reference import assert_close_tree, build_fixture_model, load_fixture
-
-FIXTURES = {"detr": "detr", "sdetr": "sdetr"}  # fixture name -> --model
-
-
-def _double_targets(targets):
-    return [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
-
-
-@pytest.fixture(scope="module", params=sorted(FIXTURES))
-def run(request):
-    """Build the fixture's model with its weights; run forward, losses, backward and post-processing."""
-    fixture = load_fixture(request.param)
-    model, criterion, postprocessors = build_fixture_model(fixture, FIXTURES[request.param])
-    samples = nested_tensor_from_tensor_list([img.double() for img in fixture["images"]])
-    model.train()
-    outputs = model(samples)
-    losses = criterion(outputs, _double_targets(fixture["targets"]))
-    total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
-    total.backward()
-    model.eval()
-    with torch.no_grad():
-        detections = postprocessors["bbox"](model(samples), torch.stack([t["orig_size"] for t in fixture["targets"]]))
-    return dict(fixture=fixture, model=model, criterion=criterion, outputs=outputs, losses=losses, total=total,
-                detections=detections)
-
-
-def test_state_dict_layout(run):
-    assert list(run["model"].state_dict()) == list(run["fixture"]["state_dict_keys"])
-
-
-def test_outputs(run):
-    assert_close_tree(run["outputs"], run["fixture"]["outputs"], rtol=1e-4, atol=1e-5)
-    assert set(run["outputs"]) == set(run["fixture"]["outputs"])
-
-
-def test_losses(run):
-    expected, losses = run["fixture"]["losses"], run["losses"]
-    assert set(losses) == set(expected)
-    for name, value in expected.items():
-        assert float(losses[name].detach()) == pytest.approx(value, rel=1e-4, abs=1e-9), name
-    assert float(run["total"].detach()) == pytest.approx(run["fixture"]["total_loss"], rel=1e-4)
-
-
-def test_weight_dict_matches_reference(run):
-    loss_names = {k for k in run["losses"] if k.startswith("loss_")}
-    assert loss_names == set(run["criterion"].weight_dict)
-    assert run["criterion"].weight_dict == pytest.approx(run["fixture"]["weight_dict"])
-
-
-def test_gradient_norms(run):
-    params = dict(run["model"].named_parameters(remove_duplicate=False))
-    for name, expected in run["fixture"]["grad_norms"].items():
-        grad = params[name].grad
-        actual = 0.0 if grad is None else float(grad.norm())
-        assert actual == pytest.approx(expected, rel=1e-3, abs=1e-12), name
-    trainable = {name for name, p in params.items() if p.requires_grad}
-    assert trainable == set(run["fixture"]["grad_norms"])
-
-
-def test_postprocess(run):
-    assert len(run["detections"]) == len(run["fixture"]["postprocess"])
-    for actual, expected in zip(run["detections"], run["fixture"]["postprocess"]):
-        torch.testing.assert_close(actual["scores"].float(), expected["scores"], rtol=1e-4, atol=1e-5)
-        assert torch.equal(actual["labels"], expected["labels"])
-        torch.testing.assert_close(actual["boxes"].float(), expected["boxes"], rtol=1e-4, atol=1e-4)
-
-
-# -- tiny random-weight models (no fixtures, no downloads)
 
 NUM_CLASSES = 5
 TINY = ["--device", "cpu", "--backbone_from_scratch", "--backbone", "resnet18", "--hidden_dim", "32",
