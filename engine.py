@@ -15,143 +15,49 @@ import datetime
 import json
 import logging
 import math
-import os
-import random
-import re
 import time
-import uuid
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import CocoEvaluator
 from models import build_model
-from util.misc import (all_gather_object, collate_fn, get_world_size, is_dist_avail_and_initialized,
-                       is_main_process, reduce_dict)
+from util.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    load_finetune_weights,
+    load_model_strict,
+    resolve_resume,
+    restore_training_state,
+    write_checkpoints,
+)
+from util.logger import MetricLogger, SmoothedValue
+from util.misc import collate_fn, comm_device, is_main_process, reduce_dict
+from util.process import (
+    DistContext,
+    init_distributed,
+    preserved_rng_state,
+    resolve_device,
+    restore_rng_state,
+    seed_everything,
+    setup_logging,
+)
 
 logger = logging.getLogger("engine")
 
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_BATCH = 16  # --lr_scaling sqrt: the learning rates are the ones of a global batch of 16
-CHECKPOINT_EVERY = 5  # keep checkpoint{epoch:04}.pth every this many epochs (and before each lr drop)
-
-
-# ----------------------------------------------------------------------------------------------
-# Metric logging
-
-
-def _comm_device() -> torch.device:
-    """Device of the tensors that collectives of the current process group take."""
-    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class SmoothedValue:
-    """A series of numbers: window statistics (median, avg, max, last value) and the global average."""
-
-    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
-        self.window: deque[float] = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.window.append(float(value))
-        self.count += n
-        self.total += float(value) * n
-
-    def synchronize_between_processes(self) -> None:
-        """Sum count and total over processes (the window stays local)."""
-        if get_world_size() < 2:
-            return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), float(t[1].item())
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.window)) if self.window else math.nan
-
-    @property
-    def avg(self) -> float:
-        return float(np.mean(self.window)) if self.window else math.nan
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / self.count if self.count else math.nan
-
-    @property
-    def max(self) -> float:
-        return max(self.window) if self.window else math.nan
-
-    @property
-    def value(self) -> float:
-        return self.window[-1] if self.window else math.nan
-
-    def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
-                               value=self.value)
-
-
-class MetricLogger:
-    """Named :class:`SmoothedValue` meters, plus :meth:`log_every`, which wraps an iterable and logs
-    progress, ETA and the meters every N iterations through :mod:`logging`."""
-
-    def __init__(self, delimiter: str = "  ", log: logging.Logger = logger):
-        self.meters: dict[str, SmoothedValue] = {}
-        self.delimiter = delimiter
-        self.log = log
-
-    def add_meter(self, name: str, meter: SmoothedValue) -> None:
-        self.meters[name] = meter
-
-    def update(self, **values: float | Tensor) -> None:
-        for name, value in values.items():
-            if isinstance(value, Tensor):
-                value = value.item()
-            self.meters.setdefault(name, SmoothedValue()).update(float(value))
-
-    def synchronize_between_processes(self) -> None:
-        for name in sorted(self.meters):  # the same order on every process
-            self.meters[name].synchronize_between_processes()
-
-    def global_averages(self) -> dict[str, float]:
-        return {name: meter.global_avg for name, meter in self.meters.items()}
-
-    def __str__(self) -> str:
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
-
-    def log_every(self, iterable: Iterable, every: int, header: str = "") -> Iterator:
-        """Yield the items of ``iterable`` (which needs ``len``), logging after items 0, every, 2*every, ...
-        and the last one, then the total time."""
-        total = len(iterable)  # type: ignore[arg-type]
-        width = len(str(total))
-        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        start = end = time.perf_counter()
-        for i, item in enumerate(iterable):
-            data_time.update(time.perf_counter() - end)
-            yield item
-            iter_time.update(time.perf_counter() - end)
-            if i % every == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-                self.log.info("%s", self.delimiter.join(p for p in parts if p))
-            end = time.perf_counter()
-        elapsed = time.perf_counter() - start
-        self.log.info("%s total time: %s (%.4f s / it)", header, datetime.timedelta(seconds=int(elapsed)),
-                      elapsed / max(total, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,88 +237,6 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
 
 # ----------------------------------------------------------------------------------------------
 # Process setup: distribution, logging, device, seeds
-
-
-@dataclass
-class DistContext:
-    """Where this process stands: rank, world size, local rank; ``owns_group`` when run() started the group."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_name: str) -> DistContext:
-    """Join the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL for CUDA,
-    gloo for CPU); a single process when they are absent or WORLD_SIZE is 1."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistContext()
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world_size < 2:
-        return DistContext(rank, world_size, local_rank)
-    if dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
-    use_cuda = device_name.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
-    return DistContext(rank, world_size, local_rank, owns_group=True)
-
-
-def setup_logging(ctx: DistContext) -> None:
-    """Root logging for the run: INFO on rank 0, WARNING elsewhere (a no-op where logging is configured)."""
-    prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
-    logging.basicConfig(level=logging.INFO if ctx.rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
-
-
-def resolve_device(device_name: str, ctx: DistContext) -> torch.device:
-    """``torch.device`` of ``--device``; in a distributed CUDA run, the GPU of this process's local rank."""
-    device = torch.device(device_name)
-    if device.type == "cuda" and ctx.distributed:
-        device = torch.device("cuda", ctx.local_rank)
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The state of every random generator the training reads (torch CPU/CUDA, numpy, random)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def preserved_rng_state() -> Iterator[None]:
-    """Run the block without disturbing the random streams of training (evaluation, probes)."""
-    state = capture_rng_state()
-    try:
-        yield
-    finally:
-        restore_rng_state(state)
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimiser
 
@@ -469,19 +293,6 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, lr_ba
     return torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
 
 
-def set_lr_drop(lr_scheduler: torch.optim.lr_scheduler.StepLR, lr_drop: int) -> None:
-    """Make a (resumed) StepLR drop every ``lr_drop`` epochs and set the current rates accordingly."""
-    if lr_scheduler.step_size == lr_drop:
-        return
-    logger.warning("the checkpoint's schedule dropped the learning rates every %d epochs; --lr_drop %d now applies",
-                   lr_scheduler.step_size, lr_drop)
-    lr_scheduler.step_size = lr_drop
-    factor = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_drop)
-    for group, base_lr in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs):
-        group["lr"] = base_lr * factor
-    lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -528,7 +339,7 @@ def wrap_distributed(model: nn.Module, criterion: nn.Module, dataset, args: argp
     """DistributedDataParallel around ``model``, with ``find_unused_parameters`` only when some trainable
     parameter gets no gradient (probed on every process, agreed by all)."""
     unused = probe_unused_parameters(model, criterion, dataset, args.batch_size, device)
-    flag = torch.tensor([float(bool(unused))], device=_comm_device())
+    flag = torch.tensor([float(bool(unused))], device=comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     find_unused = bool(flag.item())
     if find_unused:
@@ -540,213 +351,6 @@ def wrap_distributed(model: nn.Module, criterion: nn.Module, dataset, args: argp
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
-
-# Flags that change the model's tensors; compared with a checkpoint's args when its weights do not fit.
-ARCHITECTURE_FLAGS = (
-    "model", "backbone", "dilation", "num_feature_levels", "hidden_dim", "dim_feedforward", "nheads", "enc_layers",
-    "dec_layers", "num_queries", "enc_n_points", "dec_n_points", "num_classes", "with_box_refine", "two_stage",
-    "eff_query_init", "eff_specific_head", "rho", "use_enc_aux_loss", "position_embedding", "pre_norm",
-)
-# (key pattern, likely cause) for weights that are missing, unexpected or of another shape.
-KEY_HINTS = (
-    (r"transformer\.decoder\.bbox_embed", "--with_box_refine differs"),
-    (r"enc_output|pos_trans|^query_embed|transformer\.reference_points", "--two_stage differs"),
-    (r"enc_mask_predictor", "--rho differs (Sparse DETR's scoring network exists with --rho > 0 only)"),
-    (r"transformer\.encoder\.(class|bbox)_embed", "--use_enc_aux_loss differs"),
-    (r"transformer\.encoder\.layers\.\d+", "--enc_layers differs"),
-    (r"transformer\.decoder\.layers\.\d+", "--dec_layers differs"),
-    (r"input_proj|level_embed", "--num_feature_levels differs"),
-    (r"backbone\.0\.body", "--backbone / --dilation differs"),
-    (r"class_embed", "--num_classes or the number of heads (--dec_layers, --two_stage, --use_enc_aux_loss) differs"),
-    (r"query_embed|tgt_embed", "--num_queries or --hidden_dim differs"),
-)
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint's weights do not fit the model built from the current flags."""
-
-
-def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically: a temporary file in the same folder, fsync'ed, then renamed over
-    ``path``; a failure leaves ``path`` as it was and no temporary file behind."""
-    path = Path(path)
-    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp_name, "xb") as f:  # the usual permissions (mkstemp's would be 0600)
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
-def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
-    """``checkpoint.pth``, plus ``checkpoint{epoch:04}.pth`` every 5 epochs and before each lr drop."""
-    paths = [output_dir / "checkpoint.pth"]
-    if (epoch + 1) % CHECKPOINT_EVERY == 0 or (epoch + 1) % lr_drop == 0:
-        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-    return paths
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU (ours or an official one: a dict with at least ``model``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # The reference's checkpoints pickle argparse.Namespace, which weights_only loading refuses.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(checkpoint, Mapping) and "model" not in checkpoint and checkpoint and all(
-            isinstance(v, Tensor) for v in checkpoint.values()):
-        checkpoint = {"model": dict(checkpoint)}  # a bare state dict
-    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
-    return dict(checkpoint)
-
-
-def _strip_ddp_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop the ``module.`` prefix of a state dict saved from a DistributedDataParallel wrapper."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
-def _likely_causes(keys: Iterable[str], checkpoint_args: Any, args: argparse.Namespace) -> list[str]:
-    """Human-readable guesses of why ``keys`` do not fit: differing architecture flags, else key patterns."""
-    causes = []
-    if checkpoint_args is not None:
-        saved = vars(checkpoint_args) if isinstance(checkpoint_args, argparse.Namespace) else dict(checkpoint_args)
-        for flag in ARCHITECTURE_FLAGS:
-            if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
-                causes.append(f"--{flag} is {saved[flag]!r} in the checkpoint but {getattr(args, flag)!r} now")
-    if not causes:
-        keys = list(keys)
-        causes = list(dict.fromkeys(hint for pattern, hint in KEY_HINTS
-                                    if any(re.search(pattern, k) for k in keys)))
-    return causes
-
-
-def load_model_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path,
-                      args: argparse.Namespace) -> None:
-    """Load ``checkpoint["model"]`` into ``model``, requiring the exact same tensors; otherwise raise
-    :class:`CheckpointMismatchError` listing the missing, unexpected and reshaped tensors and the
-    likely cause (usually a checkpoint of another variant or ``--num_classes``)."""
-    state_dict = _strip_ddp_prefix(checkpoint["model"])
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    reshaped = [f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
-                for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or reshaped:
-        def listing(title: str, items: list[str]) -> str:
-            shown = "\n    ".join(items[:12]) + (f"\n    ... ({len(items) - 12} more)" if len(items) > 12 else "")
-            return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
-
-        bad_keys = missing + unexpected + [r.split(":")[0] for r in reshaped]
-        causes = _likely_causes(bad_keys, checkpoint.get("args"), args)
-        raise CheckpointMismatchError(
-            f"the weights of {source} do not fit the model built from the current flags (--model {args.model})."
-            + listing("missing from the checkpoint", missing) + listing("unexpected in the checkpoint", unexpected)
-            + listing("of another shape", reshaped)
-            + "\n  likely cause: " + ("; ".join(causes) if causes else "a checkpoint of another model or variant")
-            + ".\n  Use the flags the checkpoint was trained with (e.g. the variant's configs/*.sh), or --finetune "
-              "to load only the tensors that fit.")
-    model.load_state_dict(state_dict, strict=True)
-    logger.info("loaded the weights of %s", source)
-
-
-def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path) -> None:
-    """Load the weights of ``checkpoint`` that fit ``model``; tensors of another shape (e.g. class heads of
-    another ``--num_classes``) and missing / unexpected ones are skipped with a log message."""
-    state_dict = _strip_ddp_prefix(checkpoint["model"])
-    own = model.state_dict()
-    reshaped = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    for key in reshaped:
-        logger.info("--finetune: skipping %s: shape %s in %s, %s in the model", key, tuple(state_dict[key].shape),
-                    source, tuple(own[key].shape))
-    missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if k not in reshaped},
-                                                strict=False)
-    if missing:
-        logger.info("--finetune: %d tensors keep their initialisation (not in %s), e.g. %s", len(missing), source,
-                    missing[:5])
-    if unexpected:
-        logger.info("--finetune: %d tensors of %s have no place in the model, e.g. %s", len(unexpected), source,
-                    unexpected[:5])
-    logger.info("--finetune: initialised from %s (%d tensors skipped for their shape)", source, len(reshaped))
-
-
-def resolve_resume(args: argparse.Namespace) -> Optional[Path]:
-    """The checkpoint to resume from: ``--resume PATH``, or with ``--resume auto`` the output folder's
-    ``checkpoint.pth`` when present (None, to start fresh, otherwise)."""
-    if not args.resume:
-        return None
-    if args.resume != "auto":
-        return Path(args.resume)
-    candidate = Path(args.output_dir) / "checkpoint.pth"
-    if candidate.is_file():
-        logger.info("--resume auto: resuming from %s", candidate)
-        return candidate
-    if args.eval:
-        raise FileNotFoundError(f"--eval --resume auto: no checkpoint at {candidate}")
-    logger.info("--resume auto: no checkpoint at %s, starting a fresh run", candidate)
-    return None
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores besides the weights."""
-    start_epoch: int
-    rng_state: Optional[dict[str, Any]] = None
-
-
-def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                           lr_scheduler: torch.optim.lr_scheduler.StepLR, scaler: torch.amp.GradScaler,
-                           args: argparse.Namespace, ctx: DistContext, source: str | Path) -> TrainState:
-    """Restore optimiser, schedule, gradient scaler and this process's random state; training goes on at the
-    epoch after the checkpoint's. A weights-only checkpoint (e.g. an official one) starts at --start_epoch."""
-    if not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-        logger.warning("%s holds no optimizer / lr_scheduler / epoch: only its weights are used, training starts "
-                       "at epoch %d", source, args.start_epoch)
-        return TrainState(args.start_epoch)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    set_lr_drop(lr_scheduler, args.lr_drop)
-    if scaler.is_enabled() and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    rng_states = checkpoint.get("rng_state")
-    rng_state = None
-    if rng_states is not None and len(rng_states) == ctx.world_size:
-        rng_state = rng_states[ctx.rank]
-    elif rng_states is not None:
-        logger.warning("%s was written by %d processes, this run has %d: random streams are not restored", source,
-                       len(rng_states), ctx.world_size)
-    start_epoch = int(checkpoint["epoch"]) + 1
-    logger.info("resumed %s: training continues at epoch %d", source, start_epoch)
-    return TrainState(start_epoch, rng_state)
-
-
-def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, scaler, epoch: int,
-                      args: argparse.Namespace, output_dir: Path) -> None:
-    """Save the end-of-epoch checkpoint(s) from rank 0 (every process must call it: it gathers their
-    random states)."""
-    rng_states = all_gather_object(capture_rng_state())
-    if not is_main_process():
-        return
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "epoch": epoch,
-        "args": args,
-        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "rng_state": rng_states,
-    }
-    for path in checkpoint_paths(output_dir, epoch, args.lr_drop):
-        save_checkpoint(checkpoint, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # The main program
 

@@ -276,7 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     """Run, turning problems with the user's files and setup into a one-paragraph error."""
-    from engine import CheckpointMismatchError, run
+    from engine import run
+    from util.checkpoint import CheckpointMismatchError
     from models.backbone import WeightsUnavailableError
     try:
         run(args)

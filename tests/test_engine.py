@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import engine
+from util import checkpoint as ckpt
+from util.logger import MetricLogger
 from datasets import build_dataset
 from main import parse_args
 from models import build_model
@@ -123,24 +125,24 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(coco_root, sparse
 
 def test_checkpoint_of_another_variant_fails_with_the_cause(coco_root, sparse_runs):
     model, _, _ = build_model(tiny_args(coco_root))  # plain Deformable DETR
-    checkpoint = engine.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
-    with pytest.raises(engine.CheckpointMismatchError) as info:
-        engine.load_model_strict(model, checkpoint, "sparse.pth", tiny_args(coco_root))
+    checkpoint = ckpt.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
+    with pytest.raises(ckpt.CheckpointMismatchError) as info:
+        ckpt.load_model_strict(model, checkpoint, "sparse.pth", tiny_args(coco_root))
     message = str(info.value)
     assert "missing from the checkpoint" in message and "unexpected in the checkpoint" in message
     assert "query_embed.weight" in message and "transformer.enc_mask_predictor" in message
     assert "--two_stage is True in the checkpoint but False now" in message
     # An official-style checkpoint holds only the weights: the cause is read from the key names.
-    with pytest.raises(engine.CheckpointMismatchError, match=r"--two_stage differs.*--rho differs"):
-        engine.load_model_strict(model, {"model": checkpoint["model"]}, "official.pth", tiny_args(coco_root))
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"--two_stage differs.*--rho differs"):
+        ckpt.load_model_strict(model, {"model": checkpoint["model"]}, "official.pth", tiny_args(coco_root))
 
 
 def test_finetune_skips_tensors_of_another_shape(coco_root, sparse_runs, caplog):
     caplog.set_level(logging.INFO)
     model, _, _ = build_model(tiny_args(coco_root, *SPARSE_DETR, "--num_classes", "7"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    checkpoint = engine.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
-    engine.load_finetune_weights(model, checkpoint, "sparse.pth")
+    checkpoint = ckpt.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
+    ckpt.load_finetune_weights(model, checkpoint, "sparse.pth")
     after = model.state_dict()
     for key, value in checkpoint["model"].items():
         if key.endswith(("class_embed.0.weight", "class_embed.0.bias")) or "class_embed" in key:
@@ -159,7 +161,7 @@ def test_resume_auto_without_output_dir_and_finetune_with_resume_are_rejected(co
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    engine.save_checkpoint({"epoch": 1}, path)
+    ckpt.save_checkpoint({"epoch": 1}, path)
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):
@@ -168,7 +170,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint({"epoch": 2}, path)
+        ckpt.save_checkpoint({"epoch": 2}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
     assert torch.load(path, weights_only=False) == {"epoch": 1}
@@ -176,7 +178,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 def test_checkpoint_paths_follow_the_reference():
     out = Path("out")
-    names = {epoch: [p.name for p in engine.checkpoint_paths(out, epoch, lr_drop=40)] for epoch in range(50)}
+    names = {epoch: [p.name for p in ckpt.checkpoint_paths(out, epoch, lr_drop=40)] for epoch in range(50)}
     assert names[0] == ["checkpoint.pth"]
     assert names[4] == ["checkpoint.pth", "checkpoint0004.pth"]
     assert names[39] == ["checkpoint.pth", "checkpoint0039.pth"]
@@ -267,7 +269,7 @@ def test_resumed_schedule_follows_a_new_lr_drop():
     for _ in range(10):
         optimizer.step()
         scheduler.step()
-    engine.set_lr_drop(scheduler, 4)  # epoch 10 with a drop every 4: two drops so far
+    ckpt.set_lr_drop(scheduler, 4)  # epoch 10 with a drop every 4: two drops so far
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
     for _ in range(2):
         optimizer.step()
@@ -277,7 +279,7 @@ def test_resumed_schedule_follows_a_new_lr_drop():
 
 def test_metric_logger_logs_progress_with_eta(caplog):
     caplog.set_level(logging.INFO)
-    metrics = engine.MetricLogger()
+    metrics = MetricLogger()
     for i in metrics.log_every(range(5), every=2, header="Epoch: [0]"):
         metrics.update(loss=float(i * i))
     assert metrics.global_averages() == {"loss": 6.0}

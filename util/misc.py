@@ -96,6 +96,13 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def comm_device() -> torch.device:
+    """Device of the tensors that collectives of the current process group take."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reduce_dict(values: dict[str, Tensor], average: bool = True) -> dict[str, Tensor]:
     """All-reduce a dict of scalar tensors across processes (mean by default)."""
     world_size = get_world_size()
