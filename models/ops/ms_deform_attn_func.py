@@ -12,14 +12,24 @@ L levels, P points per level):
 
 A location is bilinearly sampled with ``align_corners=False`` semantics (pixel centres at
 (i + 0.5) / W) and zeros outside the map. ``ms_deform_attn_pytorch`` is the reference
-implementation; compiled kernels (see the fast-kernel issue) must match it and plug in through
-``ms_deform_attn``.
+implementation; ``ms_deform_attn`` runs the compiled kernels (the ``sparse_detr::ms_deform_attn``
+operator, see ``_library.py``; built lazily on first use, see ``_extension.py``) for CPU and CUDA
+tensors when they can be built, and this reference otherwise. ``MSDA_IMPL=pytorch`` forces the
+reference; ``models.ops.implementation(device)`` says which path runs.
+
+The two paths agree to rounding, with one dtype difference: the kernels accept locations and
+weights in any floating dtype (they compute with them in float32, float64 for float64 values) and
+return the dtype of ``value``; the reference needs ``grid_sample``-compatible dtypes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import _extension, _library  # noqa: F401 - _library registers the operator
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
@@ -54,4 +64,14 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     ``level_start_index`` is what compiled kernels index with; the PyTorch path derives the
     level boundaries from ``spatial_shapes``.
     """
+    if value.dtype in _KERNEL_DTYPES and _kernel_enabled(value.device.type):
+        return torch.ops.sparse_detr.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                                    attention_weights)
     return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@torch.compiler.assume_constant_result
+def _kernel_enabled(device_type: str) -> bool:
+    # torch.compile evaluates this once while tracing (building/loading the kernel then) and bakes
+    # the answer into the graph.
+    return _extension.use_kernel(device_type)
