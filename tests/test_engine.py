@@ -311,3 +311,38 @@ def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     assert len(line["test_coco_eval_bbox"]) == 12 and math.isfinite(line["train_loss"])
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert len(checkpoint["rng_state"]) == 2
+
+
+@pytest.mark.parametrize("model_name", ["detr", "sdetr"])
+def test_one_training_epoch_of_detr_and_sdetr(coco_root, tmp_path, model_name):
+    flags = ["--model", model_name, "--backbone", "resnet18", "--backbone_from_scratch", "--hidden_dim", "32",
+             "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "32",
+             "--num_queries", "6", "--num_classes", "4", "--batch_size", "2", "--num_workers", "0", "--device", "cpu",
+             "--scales", "64", "--val_size", "64", "--max_size", "64", "--epochs", "1",
+             "--coco_path", str(coco_root), "--output_dir", str(tmp_path)]
+    if model_name == "sdetr":
+        flags += ["--sdetr_stage1_enc_layers", "1", "--sdetr_stage1_dec_layers", "1", "--sdetr_stage1_enc_heads", "2",
+                  "--sdetr_stage1_dec_heads", "2", "--sdetr_stage2_enc_layers", "1", "--sdetr_stage2_dec_layers", "1",
+                  "--sdetr_stage2_dec_heads", "2"]
+    engine.run(parse_args(flags))
+    record = read_log(tmp_path)[0]
+    assert math.isfinite(record["train_loss"]) and len(record["test_coco_eval_bbox"]) == 12
+    assert (tmp_path / "checkpoint.pth").is_file()
+
+
+def test_detections_do_not_depend_on_the_eval_batch_size(coco_root):
+    """Images of equal size are not padded in a batch, so batching changes nothing (padding does:
+    see README, "Evaluate")."""
+    torch.manual_seed(0)
+    args = tiny_args(coco_root, *SPARSE_DETR)
+    model, _, postprocessors = build_model(args)
+    model.eval()
+    dataset = build_dataset("val", args)
+    images = [dataset[i][0] for i in range(len(dataset))]
+    sizes = torch.tensor([list(img.shape[-2:]) for img in images])
+    with torch.no_grad():
+        one_by_one = [postprocessors["bbox"](model([img]), sizes[i:i + 1])[0] for i, img in enumerate(images)]
+        batched = postprocessors["bbox"](model(images), sizes)
+    for single, together in zip(one_by_one, batched):
+        torch.testing.assert_close(together["scores"], single["scores"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together["boxes"], single["boxes"], rtol=1e-4, atol=1e-3)
