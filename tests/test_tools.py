@@ -21,3 +21,28 @@ def test_visualize_sparsity_writes_a_png(tmp_path):
                "--out", str(out), "--size", "64", "--max_size", "96"])
     with PIL.Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_demo_report_writes_curves_and_predictions(tmp_path):
+    import json
+
+    from tools.demo_report import main as report
+    from tools.make_synthetic_coco import make_synthetic_coco
+
+    make_synthetic_coco(tmp_path / "data", num_train=1, num_val=3, seed=0, size=64)
+    run = tmp_path / "run"
+    run.mkdir()
+    args = parse_args([*TINY, *SPARSE, "--rho", "0.2", "--num_classes", "4", "--val_size", "64", "--max_size", "64"])
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    torch.save({"model": model.state_dict(), "args": args}, run / "checkpoint.pth")
+    stats = [0.1 * (i + 1) for i in range(12)]
+    records = [{"epoch": 0, "train_loss": 3.0, "test_loss": 2.5, "test_coco_eval_bbox": [0.0] * 12},
+               {"epoch": 1, "train_loss": 2.0, "test_loss": 1.5, "test_coco_eval_bbox": stats}]
+    (run / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    result = report([str(run), "--coco_path", str(tmp_path / "data"), "--num_images", "3", "--threshold", "0"])
+    assert result["AP"] == 0.1 and result["AP50"] == 0.2
+    for name in ("curves.png", "predictions.png"):
+        with PIL.Image.open(run / name) as png:
+            assert png.format == "PNG" and png.size[0] > 300
