@@ -154,8 +154,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_file", default="coco", choices=("coco",), help="dataset format")
     g.add_argument("--coco_path", default="./data/coco", type=str,
                    help="folder with train2017/, val2017/ and annotations/instances_{train,val}2017.json")
-    g.add_argument("--num_classes", default=None, type=int,
-                   help="classifier outputs; default 91 for COCO ids (<= 90), else max category id + 1")
+    g.add_argument("--num_classes", default=91, type=int,
+                   help="classifier outputs, indexed by category id (COCO's ids go up to 90); a dataset with "
+                        "larger ids fails when it loads, naming the value to pass")
     g.add_argument("--cache_mode", action="store_true", help="keep the encoded images in memory")
     g.add_argument("--num_workers", default=2, type=int, help="data-loading processes")
 
@@ -198,8 +199,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.num_classes is None and args.dataset_file == "coco":
-        args.num_classes = 91
 
     errors = []
     if args.model != "deformable":
@@ -239,7 +238,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("enc_layers", "dec_layers", "num_queries", "batch_size", "epochs", "num_feature_levels"):
         if getattr(args, flag) < 1:
             errors.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.num_classes is not None and args.num_classes < 1:
+    if args.num_classes < 1:
         errors.append(f"--num_classes must be at least 1, got {args.num_classes}")
     if args.backbone_from_scratch and (args.backbone_weights or args.scrl_pretrained_path):
         errors.append("--backbone_from_scratch contradicts --backbone_weights / --scrl_pretrained_path: keep one")
