@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from main import get_args_parser, parse_args, validate_args  # noqa: E402
 from models import build_model  # noqa: E402
+from util.checkpoint import strip_ddp_prefix  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -86,9 +87,7 @@ def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: 
         checkpoint = {"model": checkpoint}  # a bare state dict
     args = model_args(checkpoint.get("args"), model_flags, device)
     model, _, postprocessors = build_model(args, load_backbone_weights=False)
-    state_dict = dict(checkpoint["model"])
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = strip_ddp_prefix(checkpoint["model"])
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

@@ -24,23 +24,16 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.transforms import make_coco_transforms  # noqa: E402
-from main import parse_args  # noqa: E402
-from models import build_model  # noqa: E402
 from models.dam import attention_map_to_token_grid  # noqa: E402
+from tools.predict import load_model as load_detector  # noqa: E402
 
 
 def load_model(checkpoint_path: str, model_flags: list[str], device: str) -> torch.nn.Module:
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if "args" in checkpoint and not model_flags:
-        args = checkpoint["args"]
-        args.device = device
-    else:
-        args = parse_args(["--device", device, *model_flags])
+    """The Sparse DETR model of a checkpoint, in eval mode (see tools/predict.py's ``load_model``)."""
+    model, _, args = load_detector(checkpoint_path, model_flags, device)
     if not args.rho:
         raise SystemExit(f"{checkpoint_path} is not a Sparse DETR model (rho = 0): nothing to visualise")
-    model, _, _ = build_model(args, load_backbone_weights=False)
-    model.load_state_dict(checkpoint["model"], strict=True)
-    return model.to(device).eval()
+    return model
 
 
 def per_level_maps(values: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:

@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return dict(checkpoint)
 
 
-def _strip_ddp_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_ddp_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop the ``module.`` prefix of a state dict saved from a DistributedDataParallel wrapper."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
@@ -114,7 +114,7 @@ def load_model_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: s
     """Load ``checkpoint["model"]`` into ``model``, requiring the exact same tensors; otherwise raise
     :class:`CheckpointMismatchError` listing the missing, unexpected and reshaped tensors and the
     likely cause (usually a checkpoint of another variant or ``--num_classes``)."""
-    state_dict = _strip_ddp_prefix(checkpoint["model"])
+    state_dict = strip_ddp_prefix(checkpoint["model"])
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -141,7 +141,7 @@ def load_model_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: s
 def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path) -> None:
     """Load the weights of ``checkpoint`` that fit ``model``; tensors of another shape (e.g. class heads of
     another ``--num_classes``) and missing / unexpected ones are skipped with a log message."""
-    state_dict = _strip_ddp_prefix(checkpoint["model"])
+    state_dict = strip_ddp_prefix(checkpoint["model"])
     own = model.state_dict()
     reshaped = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     for key in reshaped:
