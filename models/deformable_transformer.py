@@ -370,15 +370,17 @@ class DeformableTransformer(nn.Module):
         out = {"spatial_shapes": spatial_shapes, "level_start_index": level_start_index, "mask_flatten": mask_flatten}
 
         # Sparse DETR: score the backbone tokens and keep the top rho fraction of each image's valid ones.
-        kept_index = kept_counts = backbone_proposals = None
-        if self.rho or self.use_enc_aux_loss:
-            backbone_proposals, backbone_valid = self.token_proposals(mask_flatten, spatial_shapes)
+        # Every token's proposal box depends only on the padding: made once, used by the scoring
+        # network, the encoder auxiliary heads and the two-stage proposals.
+        if self.rho or self.use_enc_aux_loss or self.two_stage:
+            proposals_unact, proposals_valid = self.token_proposals(mask_flatten, spatial_shapes)
+        kept_index = kept_counts = None
         if self.rho:
             valid_token_nums = (~mask_flatten).sum(-1)
             kept_counts = (valid_token_nums * self.rho).int() + 1
             num_kept = min(int(kept_counts.max()), src_flatten.shape[1])
             scores = self.enc_mask_predictor(
-                self.project_tokens(src_flatten + pos_flatten, mask_flatten, backbone_valid)).squeeze(-1)
+                self.project_tokens(src_flatten + pos_flatten, mask_flatten, proposals_valid)).squeeze(-1)
             # Padding never wins a place (-inf, where the reference's minimum could tie with a valid
             # token); the reported logits put padding at the minimum, as the reference.
             kept_index = torch.topk(scores.masked_fill(mask_flatten, float("-inf")), num_kept, dim=1)[1]
@@ -388,15 +390,14 @@ class DeformableTransformer(nn.Module):
 
         encoded = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios, mask_flatten,
                                kept_index=kept_index, kept_counts=kept_counts,
-                               proposals_unact=backbone_proposals if self.use_enc_aux_loss else None)
+                               proposals_unact=proposals_unact if self.use_enc_aux_loss else None)
         memory = encoded["memory"]
         if self.use_enc_aux_loss:
             out.update(enc_aux_logits=encoded["aux_logits"], enc_aux_boxes=encoded["aux_boxes"])
 
         batch, _, channels = memory.shape
         if self.two_stage:
-            proposals_unact, valid = self.token_proposals(mask_flatten, spatial_shapes)
-            proposal_features = self.project_tokens(memory, mask_flatten, valid)
+            proposal_features = self.project_tokens(memory, mask_flatten, proposals_valid)
             # The head after the last decoder one scores and regresses every token's proposal.
             enc_class = self.decoder.class_embed[self.decoder.num_layers](proposal_features)
             enc_coord_unact = proposals_unact + self.decoder.bbox_embed[self.decoder.num_layers](proposal_features)
