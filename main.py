@@ -276,11 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     """Run, turning problems with the user's files and setup into a one-paragraph error."""
     from engine import run
-    from util.checkpoint import CheckpointMismatchError
-    from models.backbone import WeightsUnavailableError
+    from util.errors import InputError
     try:
         run(args)
-    except (FileNotFoundError, WeightsUnavailableError, CheckpointMismatchError) as err:
+    except (FileNotFoundError, InputError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from util.errors import InputError
 from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
@@ -24,7 +25,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES = RESNETS + SWINS
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(InputError, RuntimeError):
     """Raised when pretrained backbone weights can neither be downloaded nor found in the cache."""
 
 

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from util.errors import InputError
 from util.misc import all_gather_object, is_main_process
 from util.process import DistContext, capture_rng_state
 
@@ -43,7 +44,7 @@ KEY_HINTS = (
 )
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(InputError, RuntimeError):
     """The checkpoint's weights do not fit the model built from the current flags."""
 
 
