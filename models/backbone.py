@@ -63,7 +63,8 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"--backbone_weights {path}: expected a state dict, got a {type(checkpoint).__name__}")
+        raise InputError(f"--backbone_weights {path}: expected a state dict, got a {type(checkpoint).__name__}. "
+                         "Pass a file saved with torch.save(model.state_dict(), path).")
     return checkpoint
 
 
@@ -71,7 +72,8 @@ def _load_scrl_weights(path: str) -> dict[str, Tensor]:
     """Map an SCRL checkpoint (``online_network_state_dict``, ``encoder.<i>``) to torchvision names."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "online_network_state_dict" not in checkpoint:
-        raise ValueError(f"--scrl_pretrained_path {path}: not an SCRL checkpoint (no 'online_network_state_dict')")
+        raise InputError(f"--scrl_pretrained_path {path}: not an SCRL checkpoint (no 'online_network_state_dict'); "
+                         "for a plain ResNet-50 state dict use --backbone_weights.")
     renames = {"encoder.0.": "conv1.", "encoder.1.": "bn1.", "encoder.4.": "layer1.", "encoder.5.": "layer2.",
                "encoder.6.": "layer3.", "encoder.7.": "layer4."}
     state_dict = {}
@@ -100,10 +102,14 @@ class ResNetBackbone(nn.Module):
         resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                    norm_layer=FrozenBatchNorm2d)
         if state_dict is not None:
-            missing, unexpected = resnet.load_state_dict(state_dict, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
-            if missing:
-                raise ValueError(f"backbone weights miss {len(missing)} keys of {name}, e.g. {missing[:3]}")
+            own = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}  # the classifier goes unused
+            missing = [k for k in own if k not in state_dict]
+            reshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+            if missing or reshaped:
+                raise InputError(f"the backbone weights do not fit {name}: {len(missing)} tensors missing (e.g. "
+                                 f"{missing[:3]}), {len(reshaped)} of another shape (e.g. {reshaped[:3]}). Pass the "
+                                 f"ImageNet weights of {name} (torchvision's layout) or choose the matching --backbone.")
+            resnet.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
         for param_name, param in resnet.named_parameters():
             # The reference trains layer2-4 only (stem and layer1 stay frozen), unless asked otherwise.
             early = not param_name.startswith(("layer2", "layer3", "layer4"))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
+from util.errors import InputError
 from util.misc import NestedTensor
 
 logger = logging.getLogger(__name__)
@@ -260,9 +261,10 @@ class SwinBackbone(nn.Module):
         reshaped = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model"
                     for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
         if missing or reshaped:
-            raise ValueError(f"{source} does not hold {type(self).__name__} weights of this size: "
+            raise InputError(f"{source} does not hold {type(self).__name__} weights of this size: "
                              f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(reshaped)} of another "
-                             f"shape (e.g. {reshaped[:2]})")
+                             f"shape (e.g. {reshaped[:2]}). Pass the weights of the --backbone you chose (e.g. "
+                             "swin_tiny_patch4_window7_224.pth for swin_tiny) with --backbone_weights.")
         ignored = [k for k in weights if k not in own]
         if ignored:
             logger.info("%s: ignoring %d tensors the detector has no use for (e.g. %s)", source, len(ignored),

@@ -8,6 +8,7 @@ import torchvision
 from main import parse_args
 from models import build_model
 from models.backbone import WeightsUnavailableError, build_backbone
+from util.errors import InputError
 from models.swin import SwinBackbone, shifted_window_mask
 from util.misc import nested_tensor_from_tensor_list
 
@@ -146,7 +147,7 @@ def test_swin_weights_errors(tmp_path):
         build_backbone(parse_args([*SWIN, "--backbone_weights", str(missing)]))
     resnet = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), resnet)
-    with pytest.raises(ValueError, match="resnet18.pth does not hold"):
+    with pytest.raises(InputError, match="resnet18.pth does not hold"):
         build_backbone(parse_args([*SWIN, "--backbone_weights", str(resnet)]))
     with pytest.raises(SystemExit, match="--dilation"):
         parse_args([*SWIN, "--backbone_from_scratch", "--dilation"])
@@ -224,5 +225,5 @@ def test_scrl_checkpoint_initialises_the_resnet50(tmp_path):
     assert body.layer2[0].conv1.weight.requires_grad
     not_scrl = tmp_path / "not_scrl.pth"
     torch.save({"model": {}}, not_scrl)
-    with pytest.raises(ValueError, match="not an SCRL checkpoint"):
+    with pytest.raises(InputError, match="not an SCRL checkpoint"):
         build_backbone(parse_args(["--backbone", "resnet50", "--scrl_pretrained_path", str(not_scrl), *TINY]))

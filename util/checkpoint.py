@@ -84,7 +84,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             isinstance(v, Tensor) for v in checkpoint.values()):
         checkpoint = {"model": dict(checkpoint)}  # a bare state dict
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
+        raise InputError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
     return dict(checkpoint)
 
 

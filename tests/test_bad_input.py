@@ -1,0 +1,133 @@
+"""The bad-input matrix for flags, checkpoints and weight files: each case ends in one ``error: ...``
+message from main.py that names the problem and the fix (the data cases are in test_bad_data.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import main
+from main import parse_args
+from models import build_model
+from tools.make_synthetic_coco import make_synthetic_coco
+
+TINY = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 1 --dec_layers 1 "
+        "--dim_feedforward 64 --num_queries 10 --num_feature_levels 3 --enc_n_points 2 --dec_n_points 2 "
+        "--num_classes 4 --batch_size 2 --num_workers 0 --device cpu --scales 64 --val_size 64 --max_size 64").split()
+SPARSE = ["--with_box_refine", "--two_stage", "--rho", "0.3", "--use_enc_aux_loss"]
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    make_synthetic_coco(root, num_train=4, num_val=2, seed=0, size=64)
+    return root
+
+
+def run_main(*flags: str) -> str:
+    """The message main.py exits with."""
+    with pytest.raises(SystemExit) as info:
+        main.main(parse_args(list(flags)))
+    return str(info.value)
+
+
+def save_model_checkpoint(path: Path, *flags: str, drop: str = "") -> Path:
+    model, _, _ = build_model(parse_args([*TINY, *flags]))
+    state_dict = {k: v for k, v in model.state_dict().items() if not (drop and k.startswith(drop))}
+    torch.save({"model": state_dict, "args": parse_args([*TINY, *flags])}, path)
+    return path
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rho", "1.5", "--two_stage", "--with_box_refine"],
+     "Invalid arguments:\n  --rho must be in [0, 1] (a fraction of tokens), got 1.5"),
+    (["--rho", "0.1"],
+     "Invalid arguments:\n  --rho needs --two_stage --with_box_refine (Sparse DETR scores tokens with the two-stage "
+     "token projection); see configs/r50_sparse_detr_rho_0.1.sh"),
+    (["--eff_query_init", "--two_stage"],
+     "Invalid arguments:\n  --two_stage needs --with_box_refine (the decoder refines the proposal boxes, as in every "
+     "published two-stage config)"),
+    (["--batch_size", "0", "--eval"],
+     "Invalid arguments:\n  --batch_size must be at least 1, got 0\n  --eval evaluates a checkpoint: add --resume PATH"),
+])
+def test_invalid_flags_list_every_problem_at_start_up(flags, message):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--device", "cpu", *flags])
+    assert str(info.value) == message
+
+
+def test_unknown_flag_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--rho_typo", "0.1"])
+    assert info.value.code == 2
+    assert "error: unrecognized arguments: --rho_typo 0.1" in capsys.readouterr().err
+
+
+def test_missing_resume_checkpoint(coco_root, tmp_path):
+    path = tmp_path / "nowhere.pth"
+    assert run_main(*TINY, "--coco_path", str(coco_root), "--resume", str(path)) == \
+        f"error: checkpoint not found: {path}"
+
+
+def test_eval_resume_auto_without_checkpoint(coco_root, tmp_path):
+    assert run_main(*TINY, "--coco_path", str(coco_root), "--output_dir", str(tmp_path), "--eval",
+                    "--resume", "auto") == f"error: --eval --resume auto: no checkpoint at {tmp_path / 'checkpoint.pth'}"
+
+
+def test_checkpoint_that_is_not_a_checkpoint(coco_root, tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save([1, 2, 3], path)
+    assert run_main(*TINY, "--coco_path", str(coco_root), "--eval", "--resume", str(path)) == (
+        f"error: {path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
+
+
+def test_checkpoint_with_missing_keys(coco_root, tmp_path):
+    path = save_model_checkpoint(tmp_path / "partial.pth", drop="class_embed")
+    message = run_main(*TINY, "--coco_path", str(coco_root), "--eval", "--resume", str(path))
+    assert message.startswith(f"error: the weights of {path} do not fit the model built from the current flags "
+                              "(--model deformable).\n  missing from the checkpoint (2):\n    class_embed.0.weight\n"
+                              "    class_embed.0.bias\n")
+    assert message.endswith(
+        "  likely cause: --num_classes or the number of heads (--dec_layers, --two_stage, --use_enc_aux_loss) "
+        "differs.\n  Use the flags the checkpoint was trained with (e.g. the variant's configs/*.sh), or --finetune "
+        "to load only the tensors that fit.")
+
+
+def test_checkpoint_of_another_variant_names_the_flags(coco_root, tmp_path):
+    path = save_model_checkpoint(tmp_path / "deformable.pth")
+    message = run_main(*TINY, *SPARSE, "--coco_path", str(coco_root), "--eval", "--resume", str(path))
+    assert message.startswith(f"error: the weights of {path} do not fit the model built from the current flags")
+    assert ("likely cause: --with_box_refine is False in the checkpoint but True now; --two_stage is False in the "
+            "checkpoint but True now; --rho is 0.0 in the checkpoint but 0.3 now; --use_enc_aux_loss is False in the "
+            "checkpoint but True now.") in message
+
+
+def test_backbone_weights_of_another_network(coco_root, tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    flags = [f for f in TINY if f != "--backbone_from_scratch"]
+    message = run_main(*flags, "--backbone", "resnet50", "--backbone_weights", str(path), "--coco_path",
+                       str(coco_root))
+    assert message.startswith("error: the backbone weights do not fit resnet50: 165 tensors missing (e.g. "
+                              "['layer1.0.conv3.weight', ")
+    assert message.endswith("Pass the ImageNet weights of resnet50 (torchvision's layout) or choose the matching "
+                            "--backbone.")
+
+
+def test_backbone_weights_file_that_is_not_a_state_dict(coco_root, tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([1, 2], path)
+    flags = [f for f in TINY if f != "--backbone_from_scratch"]
+    assert run_main(*flags, "--backbone_weights", str(path), "--coco_path", str(coco_root)) == (
+        f"error: --backbone_weights {path}: expected a state dict, got a list. Pass a file saved with "
+        "torch.save(model.state_dict(), path).")
+
+
+def test_missing_backbone_weights_file(coco_root, tmp_path):
+    path = tmp_path / "none.pth"
+    flags = [f for f in TINY if f != "--backbone_from_scratch"]
+    assert run_main(*flags, "--backbone_weights", str(path), "--coco_path", str(coco_root)) == (
+        f"error: --backbone_weights {path}: no such file. Pass the path of a local weights file (e.g. torchvision's "
+        "resnet50-0676ba61.pth, or swin_tiny_patch4_window7_224.pth of the official Swin release).")
