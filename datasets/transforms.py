@@ -13,7 +13,8 @@ Every transform is called as ``image, target = t(image, target)``.
 * ``size``     ``[2]`` int64 ``(h, w)`` of the current image, updated by resize and crop.
 
 Targets are never modified in place: each geometric transform returns a shallow copy.
-Randomness comes from Python's :mod:`random` module (seeded per DataLoader worker by torch).
+Randomness comes from Python's :mod:`random` module alone: training seeds it per sample from
+(seed, epoch, index) (see :mod:`datasets.resumable`), which makes resumed runs exact.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from datasets.coco import CocoDetection, default_num_classes  # noqa: E402
 from datasets.coco_eval import CocoEvaluator  # noqa: E402
 from tools.make_synthetic_coco import make_synthetic_coco  # noqa: E402
 from util.box_ops import box_cxcywh_to_xyxy  # noqa: E402
+from util.errors import InputError  # noqa: E402
 
 SMALL = dict(scales=[96, 112, 128, 144, 160], max_size=267, val_size=128)
 
@@ -151,7 +152,7 @@ def test_category_id_above_num_classes_raises(tmp_path):
         tmp_path, [{"image_id": 1, "category_id": 150, "bbox": [1, 1, 5, 5]}],
         categories=[{"id": 1, "name": "a"}, {"id": 150, "name": "b"}],
     )
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         build_dataset("val", make_args(tmp_path, num_classes=91))
     message = str(err.value)
     assert "150" in message and str(ann_file) in message and "--num_classes 151" in message
