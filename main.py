@@ -2,6 +2,10 @@
 
     python main.py --coco_path data/coco --output_dir exps/run        # train
     python main.py --coco_path data/coco --eval --resume ckpt.pth      # evaluate
+
+Exit status: 0 done; 1 an ``error: ...`` line (bad input, or too many non-finite steps in a row);
+128 + the signal number (143 SIGTERM, 130 SIGINT) when a stop signal ended training after it saved
+<output_dir>/checkpoint.pth: the same command with ``--resume auto`` continues it.
 """
 from __future__ import annotations
 
@@ -159,6 +163,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "larger ids fails when it loads, naming the value to pass")
     g.add_argument("--cache_mode", action="store_true", help="keep the encoded images in memory")
     g.add_argument("--num_workers", default=2, type=int, help="data-loading processes")
+    g.add_argument("--strict_data", action="store_true",
+                   help="fail on data that would otherwise be skipped with a warning: images missing on disk, "
+                        "image files that cannot be decoded, boxes that are not 4 finite numbers "
+                        "(tools/check_dataset.py lists every problem without training)")
 
     g = parser.add_argument_group(
         "training loop", "see engine.py; --resume auto continues from <output_dir>/checkpoint.pth when it exists")
@@ -171,6 +179,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_every", default=50, type=int, metavar="N", help="log training progress every N iterations")
     g.add_argument("--eval_every", default=1, type=int, metavar="N",
                    help="evaluate every N epochs (and always after the last one)")
+    g.add_argument("--max_nonfinite", default=10, type=int, metavar="N",
+                   help="a step whose loss or gradient norm is not finite is skipped (with a warning); after N "
+                        "such steps in a row training stops with a resumable checkpoint and an error")
     g.add_argument("--finetune", default="", metavar="PATH",
                    help="initialise from this checkpoint's weights only, skipping tensors whose shape differs "
                         "(e.g. class heads of another --num_classes); ignored when --resume finds a checkpoint")
@@ -188,6 +199,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", help="checkpoint to resume from (or evaluate with --eval)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise repeatable runs: on CPU (same machine, torch and thread count) exactly; on GPU "
+                        "through torch.use_deterministic_algorithms, deterministic cuDNN and cuBLAS, and the "
+                        "deformable attention's gather path, slower (an op without a deterministic version "
+                        "raises)")
     return parser
 
 
@@ -250,7 +266,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append(f"--dilation needs a bottleneck ResNet (resnet50/101), not --backbone {args.backbone}")
     if args.eval and not args.resume:
         errors.append("--eval evaluates a checkpoint: add --resume PATH")
-    for flag in ("log_every", "eval_every", "lr_drop", "max_size", "val_size"):
+    for flag in ("log_every", "eval_every", "lr_drop", "max_size", "val_size", "max_nonfinite"):
         if getattr(args, flag) < 1:
             errors.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.scales is not None and min(args.scales) < 1:
@@ -274,13 +290,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    """Run, turning problems with the user's files and setup into a one-paragraph error."""
+    """Run, turning problems with the user's files and setup into a one-paragraph error, and a stop signal
+    (already logged) into its exit status."""
     from engine import run
     from util.errors import InputError
+    from util.process import TrainingStopped
     try:
         run(args)
     except (FileNotFoundError, InputError) as err:
         raise SystemExit(f"error: {err}") from None
+    except TrainingStopped as stop:
+        raise SystemExit(stop.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class SetCriterion(nn.Module):
         else:
             target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
             target_classes[batch_idx, pred_idx] = target_labels
-            loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+            # Flattened to [B*Q, C]: CUDA's [B, C, Q] form (nll_loss2d) has no deterministic implementation.
+            loss = F.cross_entropy(logits.flatten(0, 1), target_classes.flatten(), self.empty_weight.to(logits.dtype))
         losses = {"loss_ce": loss}
         if log:
             losses["class_error"] = 100 - accuracy(logits[batch_idx, pred_idx], target_labels)[0]

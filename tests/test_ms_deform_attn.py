@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_pytorch
+from models.ops import MSDeformAttn, implementation, ms_deform_attn, ms_deform_attn_pytorch
+from models.ops.ms_deform_attn_func import ms_deform_attn_gather
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -118,3 +119,47 @@ def test_padding_tokens_do_not_contribute():
     value[0, 4] = 1e6  # changing a padded token changes nothing
     out2, _, _ = attn(query, ref, value, shapes, starts, mask)
     torch.testing.assert_close(out1, out2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gather path (--deterministic on CUDA)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_path_matches_the_naive_loop_and_passes_gradcheck(device):
+    value, shapes, _, locations, weights = random_inputs(device=device)
+    expected = naive_ms_deform_attn(value.cpu(), shapes.cpu(), locations.cpu(), weights.cpu())
+    torch.testing.assert_close(ms_deform_attn_gather(value, shapes, locations, weights).cpu(), expected)
+    value, shapes, _, locations, weights = random_inputs(batch=1, queries=2, points=2, device=device,
+                                                         spread=(0.05, 0.95))
+    inputs = (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_())
+    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn_gather(v, shapes, loc, w), inputs)
+
+
+def test_deterministic_mode_keeps_the_cpu_paths_and_switches_cuda_to_gather():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert implementation("cpu") in ("kernel", "pytorch")  # both deterministic on the CPU
+        assert implementation("cuda") == "gather"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backward_is_bitwise_repeatable_in_deterministic_mode():
+    """Many queries sampling the same few pixels: atomicAdd accumulation would vary from run to run."""
+    value, shapes, starts, locations, weights = random_inputs(batch=2, heads=2, dim=32, queries=3000, points=4,
+                                                              shapes=((4, 4), (2, 2)), dtype=torch.float32,
+                                                              device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            leaf = value.clone().requires_grad_()
+            ms_deform_attn(leaf, shapes, starts, locations, weights).sum().backward()
+            grads.append(leaf.grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(grads[0], grads[1])

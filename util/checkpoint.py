@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -78,14 +78,36 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    # The reference's checkpoints pickle argparse.Namespace, which weights_only loading refuses.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # The reference's checkpoints pickle argparse.Namespace, which weights_only loading refuses.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
+        raise unreadable_checkpoint_error(path, error) from error
     if isinstance(checkpoint, Mapping) and "model" not in checkpoint and checkpoint and all(
             isinstance(v, Tensor) for v in checkpoint.values()):
         checkpoint = {"model": dict(checkpoint)}  # a bare state dict
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise InputError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
     return dict(checkpoint)
+
+
+def unreadable_checkpoint_error(path: Path, error: Exception) -> InputError:
+    """The error for a checkpoint file that torch.load cannot read, naming another checkpoint of the run."""
+    others = [p for p in sorted(path.parent.glob("checkpoint[0-9][0-9][0-9][0-9].pth")) if p != path]
+    fix = (f"Resume from another checkpoint of the run instead, e.g. --resume {others[-1]}" if others else
+           "Restore it from a copy, or train from the start without --resume (there is no "
+           "checkpoint{epoch:04}.pth next to it to fall back on)")
+    reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0]  # torch's first sentence says it
+    return InputError(f"{path} cannot be read: the file is truncated or corrupt ({type(error).__name__}: {reason}). "
+                      f"{fix}.")
+
+
+def remove_unfinished_writes(output_dir: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a killed process left in ``output_dir`` (call it
+    before this run writes any)."""
+    for path in sorted(output_dir.glob(".*.pth.*.tmp")):
+        logger.info("removing %s, the unfinished write of an interrupted run", path)
+        path.unlink(missing_ok=True)
 
 
 def strip_ddp_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -177,10 +199,26 @@ def resolve_resume(args: argparse.Namespace) -> Optional[Path]:
 
 
 @dataclass
+class EpochProgress:
+    """How far an epoch got: ``step`` batches done, the running ``(total, count)`` of each logged average,
+    the steps the fp16 gradient scaler skipped, and the steps skipped for a non-finite loss or gradient norm
+    (in all, and in a row until now). A mid-epoch checkpoint holds it as a dict under ``progress``."""
+    step: int = 0
+    totals: dict[str, tuple[float, int]] = field(default_factory=dict)
+    scaler_skipped: int = 0
+    nonfinite: int = 0
+    nonfinite_streak: int = 0
+
+
+@dataclass
 class TrainState:
-    """What a checkpoint restores besides the weights."""
+    """What a checkpoint restores besides the weights: where training continues (epoch, and ``progress`` in it),
+    this process's random state, and after an end-of-epoch checkpoint that epoch's ``train_stats`` (its log
+    record is written from them when the evaluation that follows the checkpoint was cut short)."""
     start_epoch: int
     rng_state: Optional[dict[str, Any]] = None
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    train_stats: Optional[dict[str, Any]] = None
 
 
 def set_lr_drop(lr_scheduler: torch.optim.lr_scheduler.StepLR, lr_drop: int) -> None:
@@ -199,8 +237,9 @@ def set_lr_drop(lr_scheduler: torch.optim.lr_scheduler.StepLR, lr_drop: int) -> 
 def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                            lr_scheduler: torch.optim.lr_scheduler.StepLR, scaler: torch.amp.GradScaler,
                            args: argparse.Namespace, ctx: DistContext, source: str | Path) -> TrainState:
-    """Restore optimiser, schedule, gradient scaler and this process's random state; training goes on at the
-    epoch after the checkpoint's. A weights-only checkpoint (e.g. an official one) starts at --start_epoch."""
+    """Restore optimiser, schedule, gradient scaler and this process's random state; training goes on where
+    the checkpoint stopped: the next epoch, or within its epoch for a mid-epoch checkpoint. A weights-only
+    checkpoint (e.g. an official one) starts at --start_epoch."""
     if not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         logger.warning("%s holds no optimizer / lr_scheduler / epoch: only its weights are used, training starts "
                        "at epoch %d", source, args.start_epoch)
@@ -217,18 +256,34 @@ def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim
     elif rng_states is not None:
         logger.warning("%s was written by %d processes, this run has %d: random streams are not restored", source,
                        len(rng_states), ctx.world_size)
-    start_epoch = int(checkpoint["epoch"]) + 1
-    logger.info("resumed %s: training continues at epoch %d", source, start_epoch)
-    return TrainState(start_epoch, rng_state)
+    if checkpoint.get("progress") is None:
+        start_epoch = int(checkpoint["epoch"]) + 1
+        logger.info("resumed %s: training continues at epoch %d", source, start_epoch)
+        return TrainState(start_epoch, rng_state, train_stats=checkpoint.get("train_stats"))
+    progress = EpochProgress(**checkpoint["progress"])
+    # A step is a global batch: with another batch size or process count, continue after as many images.
+    then = getattr(checkpoint.get("args"), "batch_size", args.batch_size) * len(rng_states)
+    now = args.batch_size * ctx.world_size
+    if then != now:
+        logger.warning("%s stopped epoch %d after %d global batches of %d images; with %d images per global batch "
+                       "now, it continues at batch %d (in another image order)", source, checkpoint["epoch"],
+                       progress.step, then, now, progress.step * then // now)
+        progress.step = progress.step * then // now
+    logger.info("resumed %s: training continues at epoch %d, iteration %d", source, checkpoint["epoch"],
+                progress.step)
+    return TrainState(int(checkpoint["epoch"]), rng_state, progress)
 
 
 def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, scaler, epoch: int,
-                      args: argparse.Namespace, output_dir: Path) -> None:
-    """Save the end-of-epoch checkpoint(s) from rank 0 (every process must call it: it gathers their
-    random states)."""
+                      args: argparse.Namespace, output_dir: Path, *, progress: Optional[EpochProgress] = None,
+                      train_stats: Optional[Mapping[str, Any]] = None) -> Path:
+    """Save from rank 0, and return the path of, checkpoint.pth (every process must call it: it gathers their
+    random states): with ``progress``, that of epoch ``epoch`` stopped midway; otherwise that of the finished
+    epoch (with its ``train_stats``), plus checkpoint{epoch:04}.pth when due."""
     rng_states = all_gather_object(capture_rng_state())
+    latest = output_dir / "checkpoint.pth"
     if not is_main_process():
-        return
+        return latest
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -237,6 +292,11 @@ def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_sch
         "args": args,
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "rng_state": rng_states,
+        "progress": None if progress is None else asdict(progress),
+        "train_stats": None if train_stats is None else dict(train_stats),
     }
-    for path in checkpoint_paths(output_dir, epoch, args.lr_drop):
+    paths = [latest] if progress is not None else checkpoint_paths(output_dir, epoch, args.lr_drop)
+    # checkpoint.pth last: a kill between two writes then redoes the epoch rather than lose checkpoint{epoch:04}.pth.
+    for path in reversed(paths):
         save_checkpoint(checkpoint, path)
+    return latest

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -90,17 +90,30 @@ class MetricLogger:
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
+    def totals(self) -> dict[str, tuple[float, int]]:
+        """``(total, count)`` of every meter: what its global average is made of."""
+        return {name: (meter.total, meter.count) for name, meter in self.meters.items()}
+
+    def add_totals(self, totals: Mapping[str, tuple[float, int]]) -> None:
+        """Continue the global averages of :meth:`totals` (e.g. those of a resumed epoch's first steps)."""
+        for name, (total, count) in totals.items():
+            meter = self.meters.setdefault(name, SmoothedValue())
+            meter.total += total
+            meter.count += count
+
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def log_every(self, iterable: Iterable, every: int, header: str = "") -> Iterator:
-        """Yield the items of ``iterable`` (which needs ``len``), logging after items 0, every, 2*every, ...
-        and the last one, then the total time."""
-        total = len(iterable)  # type: ignore[arg-type]
+    def log_every(self, iterable: Iterable, every: int, header: str = "", done: int = 0,
+                  length: Optional[int] = None) -> Iterator:
+        """Yield the items of ``iterable`` (``length`` of them, default ``len(iterable)``), logging after items
+        0, every, 2*every, ... and the last one, then the total time. ``done`` items came before ``iterable``
+        (a resumed epoch): the count starts there."""
+        total = done + (len(iterable) if length is None else length)  # type: ignore[arg-type]
         width = len(str(total))
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
         start = end = time.perf_counter()
-        for i, item in enumerate(iterable):
+        for i, item in enumerate(iterable, done):
             data_time.update(time.perf_counter() - end)
             yield item
             iter_time.update(time.perf_counter() - end)
@@ -114,4 +127,4 @@ class MetricLogger:
             end = time.perf_counter()
         elapsed = time.perf_counter() - start
         self.log.info("%s total time: %s (%.4f s / it)", header, datetime.timedelta(seconds=int(elapsed)),
-                      elapsed / max(total, 1))
+                      elapsed / max(total - done, 1))

@@ -117,6 +117,16 @@ def reduce_dict(values: dict[str, Tensor], average: bool = True) -> dict[str, Te
         return dict(zip(names, stacked))
 
 
+def any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over processes: one all-reduce of one number when distributed, so that all take the
+    same decision (every process must call it at the same point)."""
+    if get_world_size() < 2:
+        return flag
+    value = torch.tensor([float(flag)], device=comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def all_gather_object(obj) -> list:
     """Gather any picklable object from every process (a one-element list without distribution)."""
     if get_world_size() == 1:

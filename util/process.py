@@ -1,16 +1,24 @@
-"""Process setup: distribution (torchrun environment), logging, device, seeds and random states."""
+"""Process setup: distribution (torchrun environment), logging, device, seeds and random states, deterministic
+algorithms, and stopping cleanly on SIGTERM / SIGINT."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import random
+import signal
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from util.misc import any_process
+
+logger = logging.getLogger("engine")
 
 
 @dataclass
@@ -91,3 +99,93 @@ def preserved_rng_state() -> Iterator[None]:
         yield
     finally:
         restore_rng_state(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """With ``enabled``: torch's deterministic algorithms (an op without one raises), deterministic cuDNN
+    without autotuning, and the cuBLAS workspace setting its deterministic mode needs. Restores the previous
+    settings on exit; a no-op when not ``enabled``."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    # Read by cuBLAS when its first handle is created, i.e. at the first matrix product on the GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[1], previous[2]
+        if previous[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# torchrun forwards the Ctrl-C that already reached its workers: a second SIGINT this soon is that copy.
+DUPLICATE_SIGNAL_S = 1.0
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on a signal after saving what it could (the message was logged).
+
+    ``exit_code`` is 128 + the signal number, as for a process killed by that signal: 143 for SIGTERM,
+    130 for SIGINT.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """While entered (``with StopRequest() as stop``), the first SIGTERM or SIGINT only sets ``signum``: the
+    training loop stops at its next check. A later SIGINT (one second or more after the first) raises
+    ``KeyboardInterrupt`` at once; further SIGTERMs are ignored. The previous handlers come back on exit.
+    Signals can only be caught on the main thread: elsewhere this changes nothing."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._received_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: one not set from Python
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self._received_at = signum, time.monotonic()
+            logger.warning("received %s: stopping after the current or next training step (a second Ctrl-C / "
+                           "SIGINT stops at once, without saving)", signal.Signals(signum).name)
+        elif signum == signal.SIGINT and time.monotonic() - self._received_at >= DUPLICATE_SIGNAL_S:
+            raise KeyboardInterrupt
+
+    def agreed(self) -> bool:
+        """Whether any process received a stop signal (one all-reduce when distributed: every process must call
+        it at the same point, and then all stop at the same step)."""
+        return any_process(self.signum is not None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM / SIGINT sent to the whole process group (a scheduler, Ctrl-C)
+    are for the main process, which ends its workers itself; a worker killed by one would make the main
+    process fail before it saves its checkpoint."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

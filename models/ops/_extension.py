@@ -350,11 +350,15 @@ def use_kernel(device_type: str) -> bool:
 
 
 def implementation(device: Union[str, "torch.device"] = "cpu") -> str:  # noqa: F821
-    """``"kernel"`` or ``"pytorch"``: the path ``ms_deform_attn`` takes for tensors on ``device``
-    (for float16/bfloat16/float32/float64 values). Builds the kernel if this is the first ask."""
+    """``"kernel"``, ``"pytorch"`` or ``"gather"`` (CUDA under ``torch.use_deterministic_algorithms(True)``):
+    the path ``ms_deform_attn`` takes for tensors on ``device`` (for float16/bfloat16/float32/float64
+    values). Builds the kernel if this is the first ask."""
     import torch
 
-    return "kernel" if use_kernel(torch.device(device).type) else "pytorch"
+    device_type = torch.device(device).type
+    if device_type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        return "gather"
+    return "kernel" if use_kernel(device_type) else "pytorch"
 
 
 def _reset_for_tests() -> None:

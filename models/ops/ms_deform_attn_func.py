@@ -17,11 +17,21 @@ operator, see ``_library.py``; built lazily on first use, see ``_extension.py``)
 tensors when they can be built, and this reference otherwise. ``MSDA_IMPL=pytorch`` forces the
 reference; ``models.ops.implementation(device)`` says which path runs.
 
+Determinism: on the CPU both paths are deterministic for a given thread count (the kernel gives each
+work item its own grad_value buffer and sums the buffers in a fixed order; how many there are depends
+on the thread count). On CUDA the kernel's backward and ``grid_sample``'s accumulate
+grad_value with atomicAdd, whose order varies from run to run; with
+``torch.use_deterministic_algorithms(True)`` (``--deterministic``) CUDA tensors therefore take
+:func:`ms_deform_attn_gather`, whose backward is torch.gather's deterministic scatter-add (slower, and
+four times grid_sample's memory for the sampled values).
+
 The two paths agree to rounding, with one dtype difference: the kernels accept locations and
 weights in any floating dtype (they compute with them in float32, float64 for float64 values) and
 return the dtype of ``value``; the reference needs ``grid_sample``-compatible dtypes.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +39,10 @@ from torch import Tensor
 
 from . import _extension, _library  # noqa: F401 - _library registers the operator
 
+logger = logging.getLogger(__name__)
+
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_logged_gather = False
 
 
 def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
@@ -57,6 +70,37 @@ def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locat
     return output.transpose(1, 2).contiguous()
 
 
+def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+                          attention_weights: Tensor) -> Tensor:
+    """Pure-PyTorch multi-scale deformable attention from ``torch.gather`` of the four bilinear corners: the
+    same function as :func:`ms_deform_attn_pytorch`, with a backward that is deterministic on CUDA under
+    ``torch.use_deterministic_algorithms(True)``."""
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, levels, points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    samples, weights = [], []
+    for level, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+        # [B, H_l*W_l, H, D] -> [B*H, H_l*W_l, D]; locations [B, Q, H, P, 2] -> pixels [B*H, Q*P]
+        value_l = value_l.transpose(1, 2).flatten(0, 1)
+        xy = sampling_locations[:, :, :, level].transpose(1, 2).reshape(batch * heads, num_queries * points, 2)
+        x, y = xy[..., 0] * w - 0.5, xy[..., 1] * h - 0.5  # align_corners=False: pixel centres at i + 0.5
+        x0, y0 = x.floor().detach(), y.floor().detach()
+        fx, fy = x - x0, y - y0
+        for cx, cy, wx, wy in ((x0, y0, 1 - fx, 1 - fy), (x0 + 1, y0, fx, 1 - fy), (x0, y0 + 1, 1 - fx, fy),
+                               (x0 + 1, y0 + 1, fx, fy)):
+            inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)  # zeros outside the map
+            index = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long()
+            samples.append(torch.gather(value_l, 1, index[..., None].expand(-1, -1, head_dim)))
+            weights.append(wx * wy * inside)
+    # Samples [B*H, L*4 corners, Q, P, D] weighted by bilinear weight x attention weight, summed over L, 4, P.
+    samples = torch.stack(samples, 1).view(batch * heads, levels * 4, num_queries, points, head_dim)
+    bilinear = torch.stack(weights, 1).view(batch * heads, levels, 4, num_queries, points)
+    attention = attention_weights.permute(0, 2, 3, 1, 4).reshape(batch * heads, levels, 1, num_queries, points)
+    total = (bilinear * attention).view(batch * heads, levels * 4, num_queries, points, 1)
+    output = (samples * total).sum((1, 3))  # [B*H, Q, D]
+    return output.view(batch, heads, num_queries, head_dim).transpose(1, 2).flatten(2)
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention; see the module docstring for shapes.
@@ -64,10 +108,24 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     ``level_start_index`` is what compiled kernels index with; the PyTorch path derives the
     level boundaries from ``spatial_shapes``.
     """
+    if _deterministic_cuda(value.device.type):
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     if value.dtype in _KERNEL_DTYPES and _kernel_enabled(value.device.type):
         return torch.ops.sparse_detr.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                                     attention_weights)
     return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@torch.compiler.assume_constant_result
+def _deterministic_cuda(device_type: str) -> bool:
+    global _logged_gather
+    if device_type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return False
+    if not _logged_gather:
+        _logged_gather = True
+        logger.info("deterministic algorithms: multi-scale deformable attention on CUDA takes the torch.gather "
+                    "path (the CUDA kernel and grid_sample accumulate gradients with atomicAdd)")
+    return True
 
 
 @torch.compiler.assume_constant_result

@@ -1,0 +1,482 @@
+"""Faults lose nothing: stop signals save a mid-epoch checkpoint that resumes exactly, killed checkpoint
+writes leave the previous checkpoint, corrupt checkpoints give a clear error, non-finite steps are
+skipped (and too many in a row stop training with a checkpoint), --deterministic CPU runs are bitwise
+repeatable, and a real training process killed at random points ends with the weights and the log of an
+uninterrupted run."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import engine
+import main
+from main import parse_args
+from tools.make_synthetic_coco import make_synthetic_coco
+from datasets.resumable import EpochBatchSampler, SeededSamples
+from util import checkpoint as ckpt
+from util import process
+from util.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny Deformable DETR on 64-pixel images (as in test_engine.py): 8 training images in 4 steps of 2.
+TINY = ("--model deformable --backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 1 "
+        "--dec_layers 1 --dim_feedforward 64 --num_queries 10 --num_feature_levels 3 --enc_n_points 2 "
+        "--dec_n_points 2 --num_classes 4 --batch_size 2 --device cpu --lr_scaling none --scales 64 --val_size 64 "
+        "--max_size 64 --lr_backbone 0 --log_every 1").split()
+SPARSE_DETR = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.3",
+               "--use_enc_aux_loss", "--enc_layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    make_synthetic_coco(root, num_train=8, num_val=4, seed=0, size=64)
+    return root
+
+
+def tiny_args(coco_root: Path, *extra: str):
+    return parse_args([*TINY, "--num_workers", "0", "--coco_path", str(coco_root), *extra])
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_runs(out: Path, reference: Path) -> None:
+    """Bitwise equal final weights and optimiser moments, and the same log.txt."""
+    got, expected = load(out / "checkpoint.pth"), load(reference / "checkpoint.pth")
+    assert got["epoch"] == expected["epoch"] and got["progress"] is None
+    assert_same_tensors(got["model"], expected["model"])
+    for param, state in expected["optimizer"]["state"].items():
+        assert_same_tensors(got["optimizer"]["state"][param], state)
+    assert (out / "log.txt").read_text() == (reference / "log.txt").read_text()
+
+
+def main_error(args) -> str:
+    """The message main.py exits with."""
+    with pytest.raises(SystemExit) as info:
+        main.main(args)
+    return str(info.value.code)
+
+
+def signal_during_step(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
+    """Make this process receive ``signum`` in the middle of the ``call``-th training step."""
+    real_step, calls = engine.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop signals
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(coco_root, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    engine.run(tiny_args(coco_root, "--epochs", "2", "--num_workers", "1", "--output_dir", str(reference)))
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    signal_during_step(monkeypatch, call=3)
+    with pytest.raises(process.TrainingStopped) as info:
+        engine.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    assert info.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # restored
+    assert "received SIGTERM: stopping after the current or next training step" in caplog.text
+    assert (f"stopped by SIGTERM in epoch 0 after 3 of 4 iterations; {out / 'checkpoint.pth'} holds the run: to "
+            "continue it, run the same command with --resume auto") in caplog.text
+    saved = load(out / "checkpoint.pth")
+    assert saved["epoch"] == 0 and saved["progress"]["step"] == 3 and not (out / "log.txt").exists()
+
+    monkeypatch.undo()
+    caplog.clear()
+    engine.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    assert "training continues at epoch 0, iteration 3" in caplog.text
+    assert_same_runs(out, reference)  # the reference loaded its data with a worker, these runs with none
+
+
+def test_main_exits_with_128_plus_the_signal_number(coco_root, tmp_path, monkeypatch):
+    signal_during_step(monkeypatch, call=1, signum=signal.SIGINT)
+    with pytest.raises(SystemExit) as info:
+        main.main(tiny_args(coco_root, "--epochs", "1", "--output_dir", str(tmp_path)))
+    assert info.value.code == 130
+    assert load(tmp_path / "checkpoint.pth")["progress"]["step"] == 1
+
+
+def test_a_second_sigint_stops_at_once_but_not_torchruns_forwarded_copy(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(process.time, "monotonic", lambda: now[0])
+    previous = signal.getsignal(signal.SIGINT)
+    with process.StopRequest() as stop:
+        assert not stop.agreed()
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.agreed()
+        signal.raise_signal(signal.SIGINT)  # the copy torchrun forwards at once: ignored
+        signal.raise_signal(signal.SIGTERM)  # further SIGTERMs: ignored
+        now[0] += process.DUPLICATE_SIGNAL_S
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def _stop_worker(rank: int, port: int, coco_root: str, out: str) -> None:
+    """Rank 1 alone receives SIGTERM, during its second step of four: both processes must stop after it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1:
+        real_step, calls = engine.train_step, []
+
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(*args, **kwargs)
+
+        engine.train_step = step
+    try:
+        engine.run(parse_args([*TINY, "--num_workers", "0", "--batch_size", "1", "--coco_path", coco_root,
+                               "--epochs", "1", "--output_dir", out]))
+    except process.TrainingStopped as stop:
+        Path(out, f"rank{rank}.exit").write_text(str(stop.exit_code))
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_every_process_stops_at_the_same_step(coco_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stop_worker, args=(port, str(coco_root), str(tmp_path)), nprocs=2, join=True)
+    # Rank 0 got no signal itself: it stopped on rank 1's, with SIGTERM's status.
+    assert [(tmp_path / f"rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"]
+    saved = load(tmp_path / "checkpoint.pth")
+    assert saved["progress"]["step"] == 2 and len(saved["rng_state"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Data that an epoch can restart from at any batch
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Each sample: its index and a draw from Python's random, as an augmentation makes."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        return index, random.random()
+
+
+def test_an_epoch_started_at_batch_k_gives_the_full_epochs_batches_from_k_on():
+    data = SeededSamples(RandomDraws(), seed=5)
+    sampler = EpochBatchSampler(torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=5), 3)
+    sampler.set_epoch(2)
+    full = [[data[key] for key in batch] for batch in sampler]
+    assert len(full) == 3 and sorted(i for batch in full for i, _ in batch) != list(range(9))  # shuffled, 1 dropped
+    sampler.set_epoch(2, start=2)
+    assert len(sampler) == 1 and [[data[key] for key in batch] for batch in sampler] == full[2:]
+    sampler.set_epoch(3)
+    assert [[data[key] for key in batch] for batch in sampler] != full  # another epoch, another order
+
+    state = random.getstate()
+    assert data[(2, 4)] == data[(2, 4)] != data[(3, 4)]  # the draws depend on (seed, epoch, index) alone
+    assert random.getstate() == state  # and leave the caller's stream alone
+
+
+def test_a_mid_epoch_checkpoint_resumed_with_another_global_batch_continues_after_as_many_images(caplog):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 40)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    saved = {"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "epoch": 3,
+             "args": parse_args(["--device", "cpu", "--batch_size", "2"]), "rng_state": [None, None],
+             "progress": {"step": 6, "totals": {"loss": (12.0, 6)}, "nonfinite": 1}}
+    args = parse_args(["--device", "cpu", "--batch_size", "3"])
+    state = ckpt.restore_training_state(saved, optimizer, scheduler, scaler, args, process.DistContext(), "c.pth")
+    assert (state.start_epoch, state.progress.step, state.progress.totals) == (3, 8, {"loss": (12.0, 6)})
+    assert ("stopped epoch 3 after 6 global batches of 4 images; with 3 images per global batch now, it continues "
+            "at batch 8") in caplog.text
+
+
+BROKEN_SAMPLE = """
+from torch.utils.data import DataLoader, Dataset
+import engine
+from util.process import ignore_stop_signals
+class Broken(Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, index):
+        if index == 2:
+            raise RuntimeError("broken sample")
+        return index
+loader = DataLoader(Broken(), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals)
+with engine.shut_down_workers_after(loader) as batches:
+    for batch in batches:
+        pass
+"""
+
+
+def test_a_failing_run_with_workers_that_ignore_sigterm_still_exits():
+    """The interpreter's exit ends leftover workers with SIGTERM and waits: the loops shut them down first."""
+    result = subprocess.run([sys.executable, "-c", BROKEN_SAMPLE], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "RuntimeError: broken sample" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Killed writes, corrupt checkpoints
+
+KILLED_WRITE = """
+import os, signal, sys
+import torch
+from util.checkpoint import save_checkpoint
+path = sys.argv[1]
+save_checkpoint({"epoch": 1}, path)
+def killed_mid_write(obj, f, *args, **kwargs):
+    f.write(b"PK\\x03\\x04 the first bytes of a zip archive")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = killed_mid_write
+save_checkpoint({"epoch": 2}, path)
+"""
+
+
+def test_a_write_killed_midway_leaves_the_previous_checkpoint_and_its_leftover_is_removed(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "checkpoint.pth"
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(path)], cwd=ROOT, capture_output=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    (leftover,) = tmp_path.glob(".checkpoint.pth.*.tmp")
+    assert load(path) == {"epoch": 1}  # os.replace never ran: the previous checkpoint is whole
+    ckpt.remove_unfinished_writes(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert f"removing {leftover}, the unfinished write of an interrupted run" in caplog.text
+
+
+def test_save_checkpoint_writes_a_synced_temporary_file_then_renames_it(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", Path(a).name, Path(b).name))
+                        or real_replace(a, b))
+    ckpt.save_checkpoint({"epoch": 3}, tmp_path / "checkpoint.pth")
+    assert calls[0] == "fsync" and calls[1][0] == "replace"
+    assert calls[1][1].startswith(".checkpoint.pth.") and calls[1][1].endswith(".tmp")
+    assert calls[1][2] == "checkpoint.pth"
+
+
+def test_a_truncated_checkpoint_names_the_file_and_another_checkpoint(coco_root, tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}, "epoch": 7}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(InputError) as info:
+        ckpt.load_checkpoint(path)
+    assert str(info.value).startswith(f"{path} cannot be read: the file is truncated or corrupt (RuntimeError: ")
+    assert str(info.value).endswith("Restore it from a copy, or train from the start without --resume (there is "
+                                    "no checkpoint{epoch:04}.pth next to it to fall back on).")
+    for epoch in (4, 9):
+        torch.save({"model": {}}, tmp_path / f"checkpoint{epoch:04}.pth")
+    message = main_error(tiny_args(coco_root, "--output_dir", str(tmp_path), "--resume", "auto"))
+    assert message.startswith(f"error: {path} cannot be read: the file is truncated or corrupt (")
+    assert message.endswith(f"Resume from another checkpoint of the run instead, e.g. --resume "
+                            f"{tmp_path / 'checkpoint0009.pth'}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def test_a_step_with_a_non_finite_gradient_norm_is_skipped(coco_root, caplog):
+    args = tiny_args(coco_root)
+    model, criterion, _ = engine.build_model(args)
+    loader = engine.build_data_loader(engine.build_dataset("train", args), args, engine.DistContext(), train=True,
+                                      device=torch.device("cpu"))
+    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    param = next(p for p in model.parameters() if p.requires_grad)
+    hook = param.register_hook(lambda grad: grad * float("nan"))
+    before = param.detach().clone()
+    result = engine.train_one_epoch(model, criterion, [next(iter(loader))], optimizer, torch.device("cpu"), 0)
+    hook.remove()
+    assert result.stats["nonfinite_steps"] == 1 and torch.equal(param, before)
+    assert "iteration 0 (batch 1 of 1): non-finite gradient norm nan with a finite loss" in caplog.text
+
+
+def nan_from_call(monkeypatch, first_bad: int) -> None:
+    """The criterion of the models engine.run builds returns a NaN loss_bbox from its ``first_bad``-th call."""
+    real_build, calls = engine.build_model, []
+
+    def build_model(*args, **kwargs):
+        model, criterion, postprocessors = real_build(*args, **kwargs)
+        real_forward = criterion.forward
+
+        def forward(outputs, targets):
+            losses = real_forward(outputs, targets)
+            calls.append(1)
+            if len(calls) >= first_bad and criterion.training:
+                losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+            return losses
+
+        criterion.forward = forward
+        return model, criterion, postprocessors
+
+    monkeypatch.setattr(engine, "build_model", build_model)
+
+
+def test_max_nonfinite_steps_in_a_row_stop_with_a_checkpoint_and_what_to_try(coco_root, tmp_path, monkeypatch):
+    nan_from_call(monkeypatch, first_bad=2)
+    message = main_error(tiny_args(coco_root, "--epochs", "2", "--max_nonfinite", "2", "--amp", "bf16",
+                                   "--output_dir", str(tmp_path)))
+    assert message == (
+        "error: training stopped: 2 steps in a row had non-finite values and were skipped, up to epoch 0, iteration "
+        "2 (the last: non-finite loss nan (loss_bbox=nan)); "
+        f"{tmp_path / 'checkpoint.pth'} holds the weights and optimiser state of the last good step (--resume auto "
+        "continues after the skipped batches). Try a lower --lr (a fresh run, or --finetune from the checkpoint: "
+        "--resume keeps the checkpoint's learning rates); a lower --clip_max_norm (now 0.1); --amp off (now bf16); "
+        f"checking the data with: python tools/check_dataset.py --coco_path {coco_root}.")
+    saved = load(tmp_path / "checkpoint.pth")
+    assert saved["progress"]["step"] == 3 and saved["progress"]["nonfinite"] == 2
+    assert all(int(state["step"]) == 1 for state in saved["optimizer"]["state"].values())  # 1 good step
+
+    monkeypatch.undo()  # the data is fine again: the run resumes and finishes
+    record = engine.run(tiny_args(coco_root, "--epochs", "1", "--amp", "bf16", "--output_dir", str(tmp_path),
+                                  "--resume", "auto"))
+    assert record["epoch"] == 0 and record["train_nonfinite_steps"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism
+
+
+def test_two_deterministic_cpu_runs_give_identical_weights(coco_root, tmp_path):
+    """Also with other --num_workers: order and augmentations do not depend on the workers."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    engine.run(tiny_args(coco_root, *SPARSE_DETR, "--deterministic", "--epochs", "1", "--output_dir", str(a)))
+    assert not torch.are_deterministic_algorithms_enabled()  # restored when the run ends
+    engine.run(tiny_args(coco_root, *SPARSE_DETR, "--deterministic", "--epochs", "1", "--num_workers", "2",
+                         "--output_dir", str(b)))
+    assert_same_runs(b, a)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real training process killed at random points
+
+
+class TrainingProcess:
+    """``main.py`` in its own process group (so that a signal reaches its DataLoader workers too, as from a
+    scheduler); a thread collects its log lines."""
+
+    def __init__(self, flags: list[str]):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *flags], cwd=ROOT, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.text: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.text.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 120) -> bool:
+        """Wait for the ``count``-th log line matching ``pattern``; False when the process ends first."""
+        deadline = time.monotonic() + timeout
+        while count > 0:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                return False
+            count -= bool(re.search(pattern, line))
+        return True
+
+    def send(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+
+    def finish(self, timeout: float = 120) -> int:
+        self.proc.wait(timeout)
+        return self.proc.returncode
+
+
+def kill_at(run: TrainingProcess, out: Path, phase: str, signum: int, rng: random.Random) -> bool:
+    """Send ``signum`` to ``run`` in ``phase``: mid-step (a random time after one of the next 3 steps), during
+    the end-of-epoch checkpoint write (once its temporary file shows), or during the evaluation. False when
+    the run ended before."""
+    if phase == "step":
+        if not run.wait_for(r"Epoch: \[\d+\]\s+\[", count=rng.randint(1, 3)):
+            return False
+        time.sleep(rng.uniform(0, 0.1))
+    elif phase == "write":
+        if not run.wait_for(r"Epoch \d+ averaged stats"):
+            return False
+        deadline = time.monotonic() + 5
+        while not any(out.glob(".checkpoint*.tmp")) and time.monotonic() < deadline and run.proc.poll() is None:
+            time.sleep(0.002)
+    else:
+        if not run.wait_for(r"Test:\s+\["):
+            return False
+        time.sleep(rng.uniform(0, 0.05))
+    run.send(signum)
+    return True
+
+
+def test_a_training_process_killed_at_random_points_ends_as_an_uninterrupted_run(coco_root, tmp_path):
+    epochs = 7  # enough that the kills below never reach the end of training
+    flags = [*TINY, "--coco_path", str(coco_root), "--deterministic", "--epochs", str(epochs)]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = TrainingProcess([*flags, "--num_workers", "2", "--output_dir", str(reference)])
+
+    rng = random.Random(1234)
+    # SIGTERM mid-step: see test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly.
+    plans = [("step", signal.SIGKILL), ("write", signal.SIGKILL), ("write", signal.SIGTERM), ("eval", signal.SIGKILL),
+             ("eval", signal.SIGTERM)]
+    rng.shuffle(plans)
+    done = []
+    for number, (phase, signum) in enumerate(plans):
+        run = TrainingProcess([*flags, "--num_workers", str(number % 2), "--output_dir", str(out),
+                               "--resume", "auto"])
+        try:
+            assert kill_at(run, out, phase, signum, rng), f"the run ended before {phase}: {''.join(run.text)[-3000:]}"
+            code = run.finish()
+        finally:
+            if run.proc.poll() is None:
+                run.send(signal.SIGKILL)
+        expected = 128 + signal.SIGTERM if signum == signal.SIGTERM else -signal.SIGKILL
+        assert code == expected, f"{phase}, {signum.name}: exit {code}\n{''.join(run.text)[-3000:]}"
+        done.append((phase, signum.name))
+
+    last = TrainingProcess([*flags, "--num_workers", "1", "--output_dir", str(out), "--resume", "auto"])
+    assert last.finish() == 0, "".join(last.text)[-3000:]
+    assert uninterrupted.finish() == 0, "".join(uninterrupted.text)[-3000:]
+    assert len(done) == 5
+    assert_same_runs(out, reference)
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == list(range(epochs))
+    assert_same_tensors(load(out / "checkpoint0004.pth")["model"], load(reference / "checkpoint0004.pth")["model"])
+    assert not list(out.glob(".*.tmp"))
