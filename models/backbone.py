@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from util.errors import InputError
@@ -84,16 +85,47 @@ def _load_scrl_weights(path: str) -> dict[str, Tensor]:
     return state_dict
 
 
+def conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
+    """``bn(conv(x))`` as one convolution: the frozen scale folded into the (bias-free) weights, the shift
+    as the bias. Equal up to float rounding, without the two passes over the activations that
+    ``FrozenBatchNorm2d`` makes; gradients still reach ``conv.weight``."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
+def residual_block(block: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision ``BasicBlock`` or ``Bottleneck`` with every conv + frozen BatchNorm pair as one convolution.
+
+    In-place ReLUs and sum, as torchvision's own forward: no convolution needs its output for backward.
+    """
+    num_convs = 3 if isinstance(block, Bottleneck) else 2
+    out = x
+    for i in range(1, num_convs + 1):
+        out = conv_frozen_bn(out, getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+        if i < num_convs:
+            out = out.relu_()
+    identity = x if block.downsample is None else conv_frozen_bn(x, block.downsample[0], block.downsample[1])
+    return out.add_(identity).relu_()
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet returning the maps of the stages ``return_layers`` (2: C3, 3: C4, 4: C5)
     with their padding masks, shallowest first.
 
-    ``strides`` and ``num_channels`` describe the returned maps, in order.
+    ``strides`` and ``num_channels`` describe the returned maps, in order. The forward folds each
+    frozen BatchNorm into the convolution before it (:func:`conv_frozen_bn`); the modules and the
+    state dict's names and shapes stay torchvision's. ``channels_last`` keeps the convolution weights,
+    and runs the convolutions, in channels-last memory format: oneDNN's fast layout on CPU (see
+    docs/benchmarks.md) and the one GPU tensor cores prefer under AMP. The maps then come out
+    channels-last too; the detectors' input projections take either layout, and flattening such a
+    map to tokens (``flatten(2).transpose(1, 2)``) is a free view.
     """
 
     def __init__(self, *, name: str = "resnet50", train_backbone: bool = True,
                  return_layers: Sequence[int] = (2, 3, 4), dilation: bool = False, freeze_early_layers: bool = True,
-                 state_dict: Optional[dict[str, Tensor]] = None):
+                 state_dict: Optional[dict[str, Tensor]] = None, channels_last: bool = True):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
@@ -123,12 +155,28 @@ class ResNetBackbone(nn.Module):
         self.strides = [2 ** (n + 1) for n in layer_ids]
         if dilation and layer_ids[-1] == 4:
             self.strides[-1] //= 2
+        self.channels_last = channels_last
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
+
+    def feature_maps(self, x: Tensor) -> list[Tensor]:
+        """The maps of the returned stages for images [B, 3, H, W], shallowest first."""
+        body = self.body
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = body.maxpool(conv_frozen_bn(x, body.conv1, body.bn1).relu_())
+        maps = []
+        for name, stage in body.named_children():
+            if name.startswith("layer"):
+                for block in stage:
+                    x = residual_block(block, x)
+                if name in body.return_layers:
+                    maps.append(x)
+        return maps
 
     def forward(self, images: NestedTensor) -> list[NestedTensor]:
-        features = self.body(images.tensors)
         out = []
-        for name in sorted(features, key=int):
-            x = features[name]
+        for x in self.feature_maps(images.tensors):
             mask = F.interpolate(images.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
             out.append(NestedTensor(x, mask))
         return out

@@ -4,10 +4,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from main import parse_args
 from models import build_model
-from models.backbone import WeightsUnavailableError, build_backbone
+from models.backbone import ResNetBackbone, WeightsUnavailableError, build_backbone
 from util.errors import InputError
 from models.swin import SwinBackbone, shifted_window_mask
 from util.misc import nested_tensor_from_tensor_list
@@ -186,6 +187,32 @@ def test_resnet_variants_build_with_their_channels(name, channels):
         features, _ = model.backbone.eval()(nested_tensor_from_tensor_list([torch.randn(3, 64, 96)]))
     assert [tuple(f.tensors.shape[1:]) for f in features] == [(c, 64 // s, 96 // s)
                                                                for c, s in zip(channels, (8, 16, 32))]
+
+
+@pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", True)])
+def test_resnet_forward_equals_torchvision_modules(name, dilation):
+    """The forward (frozen BatchNorm folded into the convolutions, channels-last) gives torchvision's
+    module-by-module values and gradients, from the same state dict."""
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(name=name, dilation=dilation).double()
+    with torch.no_grad():  # frozen statistics away from the identity, as ImageNet weights have
+        for module in backbone.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    plain = ResNetBackbone(name=name, dilation=dilation, channels_last=False).double()
+    plain.load_state_dict(backbone.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.double)
+    ours, theirs = backbone.feature_maps(x), list(plain.body(x).values())
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in ours)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(plain.feature_maps(x), theirs)
+    (sum(f.sum() for f in ours) + sum(f.sum() for f in theirs)).backward()
+    grads = {name: p.grad for name, p in plain.named_parameters() if p.grad is not None}
+    assert grads and not any(name.startswith(("conv1", "layer1")) for name in grads)  # frozen stem and layer1
+    torch.testing.assert_close({name: p.grad for name, p in backbone.named_parameters() if p.grad is not None}, grads)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet101"])

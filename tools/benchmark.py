@@ -1,27 +1,48 @@
-"""Cost of the models: parameters, multiply-adds and inference time.
+"""Cost and speed of the models: parameters, multiply-adds, inference FPS and training images/s.
 
-    python tools/benchmark.py model [--device cpu] [--threads 2] [--height 850 --width 1040]
-    python tools/benchmark.py op ...            # the deformable-attention op (tools/bench_op.py)
+    python tools/benchmark.py model --device cpu --threads 2          # every measurement, default models
+    python tools/benchmark.py model --device cuda --measure fps train
+    python tools/benchmark.py op ...                                  # the deformable-attention op (bench_op.py)
 
-Multiply-adds are ``torch.utils.flop_counter.FlopCounterMode`` total / 2: the matmul and conv
-multiply-adds the Sparse DETR paper's GFLOPs column counts (bilinear sampling is not counted).
-Models are full size (ResNet-50, 6+6 layers, 300 queries), randomly initialised, in eval mode.
+Models are full size (ResNet-50, 6+6 layers, 300 queries) unless ``--model_args`` adds ``main.py``
+flags; ``models.build_model`` builds them from ``main.parse_args``, randomly initialised, the backbone
+frozen as with ImageNet weights (stem and layer1). Every measurement uses one random image of
+``--height`` x ``--width``:
+
+* ``cost``:  parameters, and multiply-adds of one image: ``FlopCounterMode`` total / 2, the matmul and
+  conv multiply-adds the Sparse DETR paper's GFLOPs column counts (bilinear sampling is not counted);
+* ``fps``:   inference frames per second as the paper measures them: eval mode, ``torch.no_grad()``,
+  the image repeated to each of ``--batch_sizes`` (batch 4 = the same image 4 times), ``--warmup``
+  untimed passes, then the median of ``--repeats`` timed ones (synchronised on GPU); FPS = batch / time;
+* ``train``: training images per second for each ``--amp`` mode (default off fp16 bf16 on CUDA, off bf16
+  on CPU, where fp16 is emulated): train mode, ``engine.train_step``
+  (forward under autocast, losses, backward, gradient clipping, AdamW step) on ``--train_batch_size``
+  copies of the image with random valid targets, timed as above. A mode the device's autocast does not
+  support is skipped with a printed note.
+
+The result is a markdown table; ``--jsonl PATH`` also appends one JSON object per model.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import AMP_DTYPES, build_optimizer, train_step  # noqa: E402
 from main import parse_args  # noqa: E402
 from models import build_model  # noqa: E402
+from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
 SPARSE = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--use_enc_aux_loss"]
 MODELS = {
@@ -31,59 +52,222 @@ MODELS = {
     **{f"sparse_detr_rho{rho}": SPARSE + ["--rho", str(rho)] for rho in (0.1, 0.2, 0.3, 0.4, 0.5)},
 }
 DEFAULT_MODELS = ["deformable_detr_refine_two_stage", "sparse_detr_rho0.1", "sparse_detr_rho0.5"]
+MEASUREMENTS = ("cost", "fps", "train")
+BOXES_PER_IMAGE = 7  # about COCO's average
 
 
-def build(name: str, device: str) -> torch.nn.Module:
+def build(name: str, device: torch.device,
+          model_args: list[str]) -> tuple[torch.nn.Module, torch.nn.Module, argparse.Namespace]:
+    """(model, criterion, parsed main.py arguments) of ``name``, randomly initialised (seed 0), on ``device``."""
     torch.manual_seed(0)
-    args = parse_args(["--device", device, "--backbone_from_scratch", *MODELS[name]])
-    model, _, _ = build_model(args)
-    return model.to(device).eval()
+    args = parse_args(["--device", device.type, *MODELS[name], *model_args])
+    model, criterion, _ = build_model(args, load_backbone_weights=False)
+    return model.to(device), criterion.to(device), args
 
 
-def multiply_adds(model: torch.nn.Module, images: torch.Tensor) -> float:
+def batch_of(image: torch.Tensor, batch_size: int) -> NestedTensor:
+    """``batch_size`` copies of one [3, H, W] image, as the model takes them."""
+    return nested_tensor_from_tensor_list([image] * batch_size)
+
+
+def random_targets(batch_size: int, num_classes: int, device: torch.device, seed: int = 0) -> list[dict]:
+    """Valid detection targets: ``BOXES_PER_IMAGE`` boxes (normalised cxcywh, inside the image, sides
+    0.05-0.5) with labels in 1..num_classes-1, per image."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(batch_size):
+        size = 0.05 + 0.45 * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
+        centre = size / 2 + (1 - size) * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
+        labels = torch.randint(1, num_classes, (BOXES_PER_IMAGE,), generator=g)
+        targets.append({"labels": labels.to(device), "boxes": torch.cat([centre, size], 1).to(device)})
+    return targets
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def multiply_adds(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """Multiply-adds of one eval forward of ``image``. The model's parameters must not require grad:
+    FlopCounterMode's module tracker fails on views of them made under no_grad (the learned queries)."""
+    model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images)
+        model(batch_of(image, 1))
     return counter.get_total_flops() / 2
 
 
-def seconds_per_image(model: torch.nn.Module, images: torch.Tensor, warmup: int, repeats: int) -> float:
-    """Median wall time of a forward pass divided by the batch size (synchronised on GPU)."""
-    times = []
+def inference_fps(model: torch.nn.Module, image: torch.Tensor, batch_size: int, warmup: int, repeats: int) -> float:
+    """Images per second of eval forwards under ``torch.no_grad()`` of the image repeated ``batch_size`` times."""
+    model.eval()
+    samples = batch_of(image, batch_size)
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            if images.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(images)
-            if images.is_cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) / images.shape[0]
+        seconds = median_seconds(lambda: model(samples), image.device, warmup, repeats)
+    return batch_size / seconds
+
+
+def amp_unsupported(device: torch.device, amp: str) -> Optional[str]:
+    """Why ``--amp amp`` cannot run on ``device`` (autocast disables itself for a dtype it lacks), or None."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return None
+    if not torch.amp.is_autocast_available(device.type):
+        return f"autocast is not available on {device.type}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "disabling autocast" warning: the check below says it
+            with torch.autocast(device.type, dtype=dtype):
+                enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError as error:  # e.g. bfloat16 on a GPU older than Ampere
+        return str(error).splitlines()[0]
+    return None if enabled else f"{device.type} autocast does not support {dtype}"
+
+
+def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace) -> float:
+    """Images per second of ``engine.train_step`` on a fresh model; raises RuntimeError when a step was
+    skipped for a non-finite loss, since such a step runs no backward."""
+    device = image.device
+    model, criterion, args = build(name, device, opts.model_args)
+    model.train()
+    criterion.train()
+    optimizer = build_optimizer(model, args, args.lr, args.lr_backbone)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    samples = batch_of(image, opts.train_batch_size)
+    targets = random_targets(opts.train_batch_size, args.num_classes, device)
+    problems = []
+
+    def step() -> None:
+        result = train_step(model, criterion, samples, targets, optimizer, device, args.clip_max_norm, scaler,
+                            AMP_DTYPES[amp])
+        if result.problem:
+            problems.append(result.problem)
+
+    seconds = median_seconds(step, device, opts.warmup, opts.repeats)
+    if problems:
+        raise RuntimeError(f"{len(problems)} steps skipped: {problems[-1]}")
+    return opts.train_batch_size / seconds
+
+
+def measure(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
+    """One table row: the ``opts.measure`` measurements of model ``name``; a training mode that cannot
+    run gets None and a line in ``notes``."""
+    row: dict[str, Any] = {"model": name}
+    if "cost" in opts.measure or "fps" in opts.measure:
+        model = build(name, image.device, opts.model_args)[0].requires_grad_(False)  # inference only
+        if "cost" in opts.measure:
+            row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+            row["gmacs"] = multiply_adds(model, image) / 1e9
+        if "fps" in opts.measure:
+            for batch_size in opts.batch_sizes:
+                row[f"fps_bs{batch_size}"] = inference_fps(model, image, batch_size, opts.warmup, opts.repeats)
+        del model
+    if "train" in opts.measure:
+        for amp in opts.amp:
+            key = f"train_images_per_s_{amp}"
+            reason = amp_unsupported(image.device, amp)
+            if reason is None:
+                try:
+                    row[key] = training_images_per_second(name, amp, image, opts)
+                except (RuntimeError, NotImplementedError) as error:  # e.g. an op without this dtype, out of memory
+                    reason = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            if reason is not None:
+                row[key] = None
+                notes.append(f"{name}, train --amp {amp}: skipped ({reason})")
+    return row
+
+
+def columns(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(row key, header, number format) of the table's measurement columns."""
+    cols = []
+    if "cost" in opts.measure:
+        cols += [("params_m", "params (M)", ".2f"), ("gmacs", "GMACs", ".1f")]
+    if "fps" in opts.measure:
+        cols += [(f"fps_bs{b}", f"FPS batch {b}", ".2f") for b in opts.batch_sizes]
+    if "train" in opts.measure:
+        cols += [(f"train_images_per_s_{amp}", f"train img/s amp {amp}", ".2f") for amp in opts.amp]
+    return cols
+
+
+def table_line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_row(row: dict[str, Any], cols: list[tuple[str, str, str]]) -> str:
+    cells = [row["model"]] + ["n/a" if row[key] is None else format(row[key], fmt) for key, _, fmt in cols]
+    return table_line(cells)
+
+
+def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    extra = f", model flags {' '.join(opts.model_args)}" if opts.model_args else ""
+    return (f"# {where}; torch {torch.__version__}; image {opts.height}x{opts.width}; training batch "
+            f"{opts.train_batch_size}; median of {opts.repeats} after {opts.warmup} warm-up{extra}")
+
+
+def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="parameters, GMACs, inference FPS and training images/s of models")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=tuple(MODELS))
+    parser.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
+    parser.add_argument("--height", type=int, default=850)
+    parser.add_argument("--width", type=int, default=1040)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4], help="inference batch sizes (FPS)")
+    parser.add_argument("--train_batch_size", type=int, default=2, help="images per training step")
+    parser.add_argument("--amp", nargs="+", default=None, choices=tuple(AMP_DTYPES),
+                        help="training precisions, as main.py --amp; default off fp16 bf16 on CUDA, off bf16 on CPU "
+                             "(CPUs without AVX512-FP16 emulate fp16: a full training step takes minutes)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first; default 1 on CPU, 10 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 3 on CPU, 50 on CUDA")
+    parser.add_argument("--model_args", default="",
+                        help="extra main.py flags for every model, e.g. '--backbone resnet18'")
+    parser.add_argument("--jsonl", default="", help="also append one JSON object per model to this file")
+    opts = parser.parse_args(argv)
+    gpu = torch.device(opts.device).type == "cuda"
+    opts.warmup = (10 if gpu else 1) if opts.warmup is None else opts.warmup
+    opts.repeats = (50 if gpu else 3) if opts.repeats is None else opts.repeats
+    opts.amp = (list(AMP_DTYPES) if gpu else ["off", "bf16"]) if opts.amp is None else opts.amp
+    opts.model_args = shlex.split(opts.model_args)
+    return opts
 
 
 def model_benchmark(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="parameters, GMACs and seconds per image of full-size models")
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=tuple(MODELS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--height", type=int, default=850)
-    parser.add_argument("--width", type=int, default=1040)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    images = torch.randn(args.batch_size, 3, args.height, args.width, device=args.device)
-    print(f"device {args.device}, {args.threads} threads, batch {args.batch_size}, image {args.height}x{args.width}")
-    print("| model | params (M) | GMACs | s / image |")
-    print("|---|---|---|---|")
-    for name in args.models:
-        model = build(name, args.device)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        gmacs = multiply_adds(model, images[:1]) / 1e9
-        seconds = seconds_per_image(model, images, args.warmup, args.repeats)
-        print(f"| {name} | {params:.2f} | {gmacs:.1f} | {seconds:.2f} |", flush=True)
+    opts = parse_model_benchmark_args(argv)
+    device = torch.device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    image = torch.randn(3, opts.height, opts.width, generator=torch.Generator().manual_seed(0)).to(device)
+    cols = columns(opts)
+    print(describe_setup(device, opts))
+    print(table_line(["model"] + [header for _, header, _ in cols]))
+    print(table_line(["---"] * (len(cols) + 1)), flush=True)
+    notes: list[str] = []
+    for name in opts.models:
+        row = measure(name, image, opts, notes)
+        print(format_row(row, cols), flush=True)
+        if opts.jsonl:
+            setup = {"device": str(device), "threads": torch.get_num_threads(), "height": opts.height,
+                     "width": opts.width, "train_batch_size": opts.train_batch_size, "warmup": opts.warmup,
+                     "repeats": opts.repeats, "model_args": opts.model_args, "torch": torch.__version__}
+            with open(opts.jsonl, "a") as f:
+                f.write(json.dumps({**setup, **row}) + "\n")
+    for note in notes:
+        print(f"note: {note}")
 
 
 def main(argv: list[str]) -> None:

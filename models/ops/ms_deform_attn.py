@@ -68,7 +68,8 @@ class MSDeformAttn(nn.Module):
         _, num_values, _ = value_input.shape
         value = self.value_proj(value_input)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            # In place: the projection's output is fresh and its backward does not read it (saves a copy).
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
