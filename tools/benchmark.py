@@ -163,30 +163,40 @@ def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: a
     return opts.train_batch_size / seconds
 
 
+def inference_cells(name: str, image: torch.Tensor, opts: argparse.Namespace) -> dict[str, float]:
+    """The ``cost`` and ``fps`` cells of model ``name`` (those ``opts.measure`` asks for)."""
+    model = build(name, image.device, opts.model_args)[0].requires_grad_(False)  # inference only
+    cells = {}
+    if "cost" in opts.measure:
+        cells["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        cells["gmacs"] = multiply_adds(model, image) / 1e9
+    if "fps" in opts.measure:
+        for batch_size in opts.batch_sizes:
+            cells[f"fps_bs{batch_size}"] = inference_fps(model, image, batch_size, opts.warmup, opts.repeats)
+    return cells
+
+
+def training_cell(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace) -> tuple[Optional[float], str]:
+    """(training images/s, "") of model ``name`` under ``--amp amp``, or (None, why it did not run)."""
+    reason = amp_unsupported(image.device, amp)
+    if reason is not None:
+        return None, reason
+    try:
+        return training_images_per_second(name, amp, image, opts), ""
+    except (RuntimeError, NotImplementedError) as error:  # e.g. an op without this dtype, out of memory
+        return None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
 def measure(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
     """One table row: the ``opts.measure`` measurements of model ``name``; a training mode that cannot
     run gets None and a line in ``notes``."""
     row: dict[str, Any] = {"model": name}
     if "cost" in opts.measure or "fps" in opts.measure:
-        model = build(name, image.device, opts.model_args)[0].requires_grad_(False)  # inference only
-        if "cost" in opts.measure:
-            row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-            row["gmacs"] = multiply_adds(model, image) / 1e9
-        if "fps" in opts.measure:
-            for batch_size in opts.batch_sizes:
-                row[f"fps_bs{batch_size}"] = inference_fps(model, image, batch_size, opts.warmup, opts.repeats)
-        del model
+        row.update(inference_cells(name, image, opts))
     if "train" in opts.measure:
         for amp in opts.amp:
-            key = f"train_images_per_s_{amp}"
-            reason = amp_unsupported(image.device, amp)
-            if reason is None:
-                try:
-                    row[key] = training_images_per_second(name, amp, image, opts)
-                except (RuntimeError, NotImplementedError) as error:  # e.g. an op without this dtype, out of memory
-                    reason = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            if reason is not None:
-                row[key] = None
+            row[f"train_images_per_s_{amp}"], reason = training_cell(name, amp, image, opts)
+            if reason:
                 notes.append(f"{name}, train --amp {amp}: skipped ({reason})")
     return row
 
@@ -204,15 +214,18 @@ def columns(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 
 def table_line(cells: list[str]) -> str:
+    """One markdown table line."""
     return "| " + " | ".join(cells) + " |"
 
 
 def format_row(row: dict[str, Any], cols: list[tuple[str, str, str]]) -> str:
+    """A measured row as a table line; "n/a" where a measurement did not run."""
     cells = [row["model"]] + ["n/a" if row[key] is None else format(row[key], fmt) for key, _, fmt in cols]
     return table_line(cells)
 
 
 def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
+    """The line above the table: device, torch, image, batch and timing settings."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     extra = f", model flags {' '.join(opts.model_args)}" if opts.model_args else ""
     return (f"# {where}; torch {torch.__version__}; image {opts.height}x{opts.width}; training batch "
@@ -220,6 +233,7 @@ def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
 
 
 def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
+    """Options of ``benchmark.py model``, with the device-dependent defaults filled in."""
     parser = argparse.ArgumentParser(description="parameters, GMACs, inference FPS and training images/s of models")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=tuple(MODELS))
     parser.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
@@ -247,8 +261,11 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
 
 
 def model_benchmark(argv: list[str]) -> None:
+    """Print the table of ``benchmark.py model`` (a row per model as it is measured), then the notes."""
     opts = parse_model_benchmark_args(argv)
     device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     image = torch.randn(3, opts.height, opts.width, generator=torch.Generator().manual_seed(0)).to(device)
