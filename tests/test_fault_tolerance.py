@@ -27,27 +27,17 @@ import torch.multiprocessing as mp
 import engine
 import main
 from main import parse_args
-from tools.make_synthetic_coco import make_synthetic_coco
 from datasets.resumable import EpochBatchSampler, SeededSamples
 from util import checkpoint as ckpt
 from util import process
 from util.errors import InputError
 
+from test_engine import SPARSE_DETR, TINY as ENGINE_TINY, coco_root  # noqa: F401 (a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny Deformable DETR on 64-pixel images (as in test_engine.py): 8 training images in 4 steps of 2.
-TINY = ("--model deformable --backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 1 "
-        "--dec_layers 1 --dim_feedforward 64 --num_queries 10 --num_feature_levels 3 --enc_n_points 2 "
-        "--dec_n_points 2 --num_classes 4 --batch_size 2 --device cpu --lr_scaling none --scales 64 --val_size 64 "
-        "--max_size 64 --lr_backbone 0 --log_every 1").split()
-SPARSE_DETR = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.3",
-               "--use_enc_aux_loss", "--enc_layers", "2"]
-
-
-@pytest.fixture(scope="module")
-def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    make_synthetic_coco(root, num_train=8, num_val=4, seed=0, size=64)
-    return root
+# test_engine.py's tiny Deformable DETR on 64-pixel images (8 training images in 4 steps of 2), logging every
+# step so that the kill test can wait for one; a later --num_workers overrides its 0.
+TINY = [*ENGINE_TINY, "--log_every", "1"]
 
 
 def tiny_args(coco_root: Path, *extra: str):
