@@ -57,6 +57,7 @@ from util.process import (
     deterministic_algorithms,
     ignore_stop_signals,
     init_distributed,
+    keep_freed_memory,
     preserved_rng_state,
     resolve_device,
     restore_rng_state,
@@ -576,6 +577,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     device = resolve_device(args.device, ctx)
+    if device.type == "cpu" and keep_freed_memory():
+        logger.info("CPU run: freed memory is kept for reuse (faster; the process keeps its peak size)")
     seed_everything(args.seed + ctx.rank)
     logger.info("arguments: %s", vars(args))
     output_dir = Path(args.output_dir) if args.output_dir else None

@@ -331,7 +331,7 @@ class DeformableTransformer(nn.Module):
 
     def project_tokens(self, tokens: Tensor, padding_mask: Tensor, valid: Tensor) -> Tensor:
         """Zero padded and border tokens, then ``enc_output`` + LayerNorm: the proposal features."""
-        tokens = tokens.masked_fill(padding_mask.unsqueeze(-1) | ~valid, 0.0)
+        tokens = tokens * (valid & ~padding_mask.unsqueeze(-1)).to(tokens.dtype)
         return self.enc_output_norm(self.enc_output(tokens))
 
     @staticmethod

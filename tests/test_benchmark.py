@@ -9,7 +9,8 @@ from tools import benchmark
 # ResNet-18 frozen (no backbone backward or optimiser state), a one-layer 32-wide transformer, 64x96 images.
 TINY = ("--backbone resnet18 --lr_backbone 0 --hidden_dim 32 --nheads 2 --enc_layers 1 --dec_layers 1 "
         "--dim_feedforward 32 --num_queries 10 --num_classes 5 --num_feature_levels 2")
-QUICK = ["--device", "cpu", "--height", "64", "--width", "96", "--warmup", "0", "--repeats", "1",
+# --system_malloc: keep_freed_memory would change this test process's malloc for the tests after it.
+QUICK = ["--device", "cpu", "--system_malloc", "--height", "64", "--width", "96", "--warmup", "0", "--repeats", "1",
          "--batch_sizes", "1", "2", "--train_batch_size", "1", "--model_args", TINY]
 
 
@@ -31,7 +32,8 @@ def test_model_benchmark_measures_everything(capsys, tmp_path):
                       "train img/s amp fp16", "train img/s amp bf16"]
     assert len(rows) == 1 and rows[0][0] == "sparse_detr_rho0.1"
     record = json.loads(jsonl.read_text())
-    assert record["model_args"] == TINY.split() and record["height"] == 64
+    assert record["model_args"] == TINY.split() and record["height"] == 64 and not record["kept_freed_memory"]
+    assert "threads, system malloc; torch" in out
     assert 10 < record["params_m"] < 12  # ResNet-18 (11.2 M) and a tiny transformer
     assert 0.05 < record["gmacs"] < 1
     for key in ("fps_bs1", "fps_bs2", "train_images_per_s_off", "train_images_per_s_bf16"):

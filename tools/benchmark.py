@@ -43,6 +43,7 @@ from engine import AMP_DTYPES, build_optimizer, train_step  # noqa: E402
 from main import parse_args  # noqa: E402
 from models import build_model  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
+from util.process import keep_freed_memory  # noqa: E402
 
 SPARSE = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--use_enc_aux_loss"]
 MODELS = {
@@ -227,6 +228,8 @@ def format_row(row: dict[str, Any], cols: list[tuple[str, str, str]]) -> str:
 def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
     """The line above the table: device, torch, image, batch and timing settings."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cpu":
+        where += ", freed memory kept" if opts.kept_freed_memory else ", system malloc"
     extra = f", model flags {' '.join(opts.model_args)}" if opts.model_args else ""
     return (f"# {where}; torch {torch.__version__}; image {opts.height}x{opts.width}; training batch "
             f"{opts.train_batch_size}; median of {opts.repeats} after {opts.warmup} warm-up{extra}")
@@ -239,6 +242,9 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="on CPU, leave glibc's malloc returning freed large blocks to the OS (for comparison); "
+                             "by default freed memory is kept for reuse, as main.py does on CPU")
     parser.add_argument("--height", type=int, default=850)
     parser.add_argument("--width", type=int, default=1040)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4], help="inference batch sizes (FPS)")
@@ -268,6 +274,7 @@ def model_benchmark(argv: list[str]) -> None:
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    opts.kept_freed_memory = device.type == "cpu" and not opts.system_malloc and keep_freed_memory()
     image = torch.randn(3, opts.height, opts.width, generator=torch.Generator().manual_seed(0)).to(device)
     cols = columns(opts)
     print(describe_setup(device, opts))
@@ -278,7 +285,8 @@ def model_benchmark(argv: list[str]) -> None:
         row = measure(name, image, opts, notes)
         print(format_row(row, cols), flush=True)
         if opts.jsonl:
-            setup = {"device": str(device), "threads": torch.get_num_threads(), "height": opts.height,
+            setup = {"device": str(device), "threads": torch.get_num_threads(),
+                     "kept_freed_memory": opts.kept_freed_memory, "height": opts.height,
                      "width": opts.width, "train_batch_size": opts.train_batch_size, "warmup": opts.warmup,
                      "repeats": opts.repeats, "model_args": opts.model_args, "torch": torch.__version__}
             with open(opts.jsonl, "a") as f:

@@ -37,6 +37,7 @@ from main import get_args_parser, parse_args, validate_args  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import strip_ddp_prefix  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+from util.process import keep_freed_memory  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -188,6 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.device == "cpu":
+        keep_freed_memory()
 
     annotations = None
     if args.categories:

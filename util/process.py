@@ -1,8 +1,10 @@
-"""Process setup: distribution (torchrun environment), logging, device, seeds and random states, deterministic
-algorithms, and stopping cleanly on SIGTERM / SIGINT."""
+"""Process setup: distribution (torchrun environment), logging, device, CPU memory reuse, seeds and random
+states, deterministic algorithms, and stopping cleanly on SIGTERM / SIGINT."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import random
@@ -65,6 +67,26 @@ def resolve_device(device_name: str, ctx: DistContext) -> torch.device:
     if device.type == "cuda" and ctx.distributed:
         device = torch.device("cuda", ctx.local_rank)
     return device
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc reuse freed memory instead of returning it to the OS; True where it could.
+
+    PyTorch allocates every CPU tensor with malloc, and glibc serves large blocks (always those over 32 MiB)
+    with a fresh ``mmap`` that ``free`` unmaps, so each large activation is page-faulted and zeroed by the
+    kernel again on every forward: about 100,000 page faults, 0.3 s of CPU time, per Sparse DETR forward
+    at 850x1040 (see docs/benchmarks.md). Serving everything from the heap and never trimming it removes
+    them; the price is that the process keeps its peak memory. A no-op (False) off glibc.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def seed_everything(seed: int) -> None:

@@ -68,8 +68,9 @@ class MSDeformAttn(nn.Module):
         _, num_values, _ = value_input.shape
         value = self.value_proj(value_input)
         if padding_mask is not None:
-            # In place: the projection's output is fresh and its backward does not read it (saves a copy).
-            value = value.masked_fill_(padding_mask[..., None], 0.0)
+            # Times a 0/1 mask, in place: on CPU several times faster than masked_fill with a broadcast bool
+            # mask; the projection's output is fresh and its backward does not read it.
+            value = value.mul_((~padding_mask)[..., None].to(value.dtype))
         value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
