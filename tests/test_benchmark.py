@@ -65,3 +65,16 @@ def test_amp_support_defaults_and_targets():
         cx, cy, w, h = target["boxes"].unbind(1)
         assert ((cx - w / 2 >= 0) & (cx + w / 2 <= 1) & (cy - h / 2 >= 0) & (cy + h / 2 <= 1)).all()
         assert ((target["labels"] >= 1) & (target["labels"] < 5)).all()
+
+
+def test_reference_backbone_yardstick_is_inference_only(capsys):
+    benchmark.model_benchmark(["--models", "reference_r50_backbone", *QUICK, "--amp", "off"])
+    out = capsys.readouterr().out
+    header, rows = read_table(out)
+    assert header == ["model", "params (M)", "GMACs", "FPS batch 1", "FPS batch 2", "train img/s amp off"]
+    name, params, gmacs, fps1, fps2, train = rows[0]
+    assert name == "reference_r50_backbone" and float(params) == pytest.approx(23.5, abs=0.1)  # ResNet-50 to C5
+    # 64x96 is 0.122 of ImageNet's 224x224, at which ResNet-50 to C5 has 4.09 GMACs.
+    assert float(gmacs) == pytest.approx(4.09 * 64 * 96 / 224**2, rel=0.05)
+    assert float(fps1) > 0 and float(fps2) > 0 and train == "n/a"
+    assert "note: reference_r50_backbone: inference only" in out

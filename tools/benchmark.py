@@ -20,6 +20,9 @@ frozen as with ImageNet weights (stem and layer1). Every measurement uses one ra
   copies of the image with random valid targets, timed as above. A mode the device's autocast does not
   support is skipped with a printed note.
 
+The default models start with ``reference_r50_backbone``: the reference implementations' ResNet-50 alone
+(:class:`ReferenceBackbone`), a lower bound on their models' time, measured in the same run as ours.
+On CPU the process keeps freed memory for reuse, as ``main.py`` does (``--system_malloc`` to compare).
 The result is a markdown table; ``--jsonl PATH`` also appends one JSON object per model.
 """
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torchvision
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,15 +57,39 @@ MODELS = {
     "efficient_detr": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head"],
     **{f"sparse_detr_rho{rho}": SPARSE + ["--rho", str(rho)] for rho in (0.1, 0.2, 0.3, 0.4, 0.5)},
 }
-DEFAULT_MODELS = ["deformable_detr_refine_two_stage", "sparse_detr_rho0.1", "sparse_detr_rho0.5"]
+# Not a detector: the reference implementations' backbone alone, a lower bound on their models' time.
+YARDSTICK = "reference_r50_backbone"
+DEFAULT_MODELS = [YARDSTICK, "deformable_detr_refine_two_stage", "sparse_detr_rho0.1", "sparse_detr_rho0.5"]
 MEASUREMENTS = ("cost", "fps", "train")
 BOXES_PER_IMAGE = 7  # about COCO's average
 
 
+class ReferenceBackbone(torch.nn.Module):
+    """The ResNet-50 of the reference implementations (Deformable DETR, Sparse DETR) alone: torchvision's,
+    each FrozenBatchNorm2d a separate multiply and add, NCHW memory, up to C5.
+
+    Their models run this and more, so its time bounds theirs from below. Measured in the same run as
+    ours, it is the yardstick for "no slower than the reference" on a machine whose speed drifts by
+    tens of percent from one minute to the next (docs/benchmarks.md).
+    """
+
+    def __init__(self):
+        super().__init__()
+        resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        self.body = torch.nn.Sequential(*list(resnet.children())[:-2])  # without the pooling and classifier
+
+    def forward(self, samples: NestedTensor) -> torch.Tensor:
+        """C5 [B, 2048, H/32, W/32] of the images."""
+        return self.body(samples.tensors)
+
+
 def build(name: str, device: torch.device,
-          model_args: list[str]) -> tuple[torch.nn.Module, torch.nn.Module, argparse.Namespace]:
-    """(model, criterion, parsed main.py arguments) of ``name``, randomly initialised (seed 0), on ``device``."""
+          model_args: list[str]) -> tuple[torch.nn.Module, Optional[torch.nn.Module], Optional[argparse.Namespace]]:
+    """(model, criterion, parsed main.py arguments) of ``name``, randomly initialised (seed 0), on ``device``;
+    criterion and arguments are None for the yardstick."""
     torch.manual_seed(0)
+    if name == YARDSTICK:
+        return ReferenceBackbone().to(device), None, None
     args = parse_args(["--device", device.type, *MODELS[name], *model_args])
     model, criterion, _ = build_model(args, load_backbone_weights=False)
     return model.to(device), criterion.to(device), args
@@ -194,7 +223,10 @@ def measure(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: lis
     row: dict[str, Any] = {"model": name}
     if "cost" in opts.measure or "fps" in opts.measure:
         row.update(inference_cells(name, image, opts))
-    if "train" in opts.measure:
+    if "train" in opts.measure and name == YARDSTICK:
+        row.update({f"train_images_per_s_{amp}": None for amp in opts.amp})
+        notes.append(f"{name}: inference only (a backbone, not a detector)")
+    elif "train" in opts.measure:
         for amp in opts.amp:
             row[f"train_images_per_s_{amp}"], reason = training_cell(name, amp, image, opts)
             if reason:
@@ -238,7 +270,9 @@ def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
 def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``benchmark.py model``, with the device-dependent defaults filled in."""
     parser = argparse.ArgumentParser(description="parameters, GMACs, inference FPS and training images/s of models")
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=tuple(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=(YARDSTICK, *MODELS),
+                        help=f"{YARDSTICK} is the reference implementations' ResNet-50 alone (inference only), "
+                             "a lower bound on their models' time measured beside ours")
     parser.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
@@ -253,14 +287,14 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
                         help="training precisions, as main.py --amp; default off fp16 bf16 on CUDA, off bf16 on CPU "
                              "(CPUs without AVX512-FP16 emulate fp16: a full training step takes minutes)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first; default 1 on CPU, 10 on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 3 on CPU, 50 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 5 on CPU, 50 on CUDA")
     parser.add_argument("--model_args", default="",
                         help="extra main.py flags for every model, e.g. '--backbone resnet18'")
     parser.add_argument("--jsonl", default="", help="also append one JSON object per model to this file")
     opts = parser.parse_args(argv)
     gpu = torch.device(opts.device).type == "cuda"
     opts.warmup = (10 if gpu else 1) if opts.warmup is None else opts.warmup
-    opts.repeats = (50 if gpu else 3) if opts.repeats is None else opts.repeats
+    opts.repeats = (50 if gpu else 5) if opts.repeats is None else opts.repeats
     opts.amp = (list(AMP_DTYPES) if gpu else ["off", "bf16"]) if opts.amp is None else opts.amp
     opts.model_args = shlex.split(opts.model_args)
     return opts
