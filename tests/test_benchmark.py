@@ -78,3 +78,11 @@ def test_reference_backbone_yardstick_is_inference_only(capsys):
     assert float(gmacs) == pytest.approx(4.09 * 64 * 96 / 224**2, rel=0.05)
     assert float(fps1) > 0 and float(fps2) > 0 and train == "n/a"
     assert "note: reference_r50_backbone: inference only" in out
+
+
+def test_models_are_timed_in_turn():
+    calls = []
+    seconds = benchmark.median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                       torch.device("cpu"), warmup=2, repeats=3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up per function, then rounds
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

@@ -13,7 +13,9 @@ frozen as with ImageNet weights (stem and layer1). Every measurement uses one ra
   conv multiply-adds the Sparse DETR paper's GFLOPs column counts (bilinear sampling is not counted);
 * ``fps``:   inference frames per second as the paper measures them: eval mode, ``torch.no_grad()``,
   the image repeated to each of ``--batch_sizes`` (batch 4 = the same image 4 times), ``--warmup``
-  untimed passes, then the median of ``--repeats`` timed ones (synchronised on GPU); FPS = batch / time;
+  untimed passes, then the median of ``--repeats`` timed ones (synchronised on GPU); FPS = batch / time.
+  The models are timed in turn, one forward each per round, so that drift in the machine's speed
+  (tens of percent on a shared CPU) affects them alike;
 * ``train``: training images per second for each ``--amp`` mode (default off fp16 bf16 on CUDA, off bf16
   on CPU, where fp16 is emulated): train mode, ``engine.train_step``
   (forward under autocast, losses, backward, gradient clipping, AdamW step) on ``--train_batch_size``
@@ -119,18 +121,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, synchronised."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_seconds(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                   repeats: int) -> dict[str, float]:
+    """Median wall time of each of ``fns``: ``warmup`` untimed calls each, then ``repeats`` timed rounds,
+    each round calling every function once in turn, synchronised. Interleaved, so that a machine whose
+    speed drifts (a shared CPU) slows every function alike and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def multiply_adds(model: torch.nn.Module, image: torch.Tensor) -> float:
@@ -142,13 +149,15 @@ def multiply_adds(model: torch.nn.Module, image: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-def inference_fps(model: torch.nn.Module, image: torch.Tensor, batch_size: int, warmup: int, repeats: int) -> float:
-    """Images per second of eval forwards under ``torch.no_grad()`` of the image repeated ``batch_size`` times."""
-    model.eval()
+def inference_fps(models: dict[str, torch.nn.Module], image: torch.Tensor, batch_size: int, warmup: int,
+                  repeats: int) -> dict[str, float]:
+    """Images per second of each model's eval forwards under ``torch.no_grad()`` of the image repeated
+    ``batch_size`` times, the models timed in turn (:func:`median_seconds`)."""
     samples = batch_of(image, batch_size)
+    forwards = {name: (lambda model=model: model.eval()(samples)) for name, model in models.items()}
     with torch.no_grad():
-        seconds = median_seconds(lambda: model(samples), image.device, warmup, repeats)
-    return batch_size / seconds
+        seconds = median_seconds(forwards, image.device, warmup, repeats)
+    return {name: batch_size / s for name, s in seconds.items()}
 
 
 def amp_unsupported(device: torch.device, amp: str) -> Optional[str]:
@@ -187,22 +196,25 @@ def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: a
         if result.problem:
             problems.append(result.problem)
 
-    seconds = median_seconds(step, device, opts.warmup, opts.repeats)
+    seconds = median_seconds({name: step}, device, opts.warmup, opts.repeats)[name]
     if problems:
         raise RuntimeError(f"{len(problems)} steps skipped: {problems[-1]}")
     return opts.train_batch_size / seconds
 
 
-def inference_cells(name: str, image: torch.Tensor, opts: argparse.Namespace) -> dict[str, float]:
-    """The ``cost`` and ``fps`` cells of model ``name`` (those ``opts.measure`` asks for)."""
-    model = build(name, image.device, opts.model_args)[0].requires_grad_(False)  # inference only
-    cells = {}
+def inference_cells(names: list[str], image: torch.Tensor, opts: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The ``cost`` and ``fps`` cells (those ``opts.measure`` asks for) of each model, by name."""
+    models = {name: build(name, image.device, opts.model_args)[0].requires_grad_(False) for name in names}
+    cells: dict[str, dict[str, float]] = {name: {} for name in names}
     if "cost" in opts.measure:
-        cells["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        cells["gmacs"] = multiply_adds(model, image) / 1e9
+        for name, model in models.items():
+            cells[name]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+            cells[name]["gmacs"] = multiply_adds(model, image) / 1e9
     if "fps" in opts.measure:
         for batch_size in opts.batch_sizes:
-            cells[f"fps_bs{batch_size}"] = inference_fps(model, image, batch_size, opts.warmup, opts.repeats)
+            fps = inference_fps(models, image, batch_size, opts.warmup, opts.repeats)
+            for name in names:
+                cells[name][f"fps_bs{batch_size}"] = fps[name]
     return cells
 
 
@@ -217,21 +229,18 @@ def training_cell(name: str, amp: str, image: torch.Tensor, opts: argparse.Names
         return None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
-def measure(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
-    """One table row: the ``opts.measure`` measurements of model ``name``; a training mode that cannot
-    run gets None and a line in ``notes``."""
-    row: dict[str, Any] = {"model": name}
-    if "cost" in opts.measure or "fps" in opts.measure:
-        row.update(inference_cells(name, image, opts))
-    if "train" in opts.measure and name == YARDSTICK:
-        row.update({f"train_images_per_s_{amp}": None for amp in opts.amp})
+def training_cells(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
+    """The training cells of model ``name``, one per ``opts.amp`` mode; a mode that cannot run gets None
+    and a line in ``notes``."""
+    if name == YARDSTICK:
         notes.append(f"{name}: inference only (a backbone, not a detector)")
-    elif "train" in opts.measure:
-        for amp in opts.amp:
-            row[f"train_images_per_s_{amp}"], reason = training_cell(name, amp, image, opts)
-            if reason:
-                notes.append(f"{name}, train --amp {amp}: skipped ({reason})")
-    return row
+        return {f"train_images_per_s_{amp}": None for amp in opts.amp}
+    cells = {}
+    for amp in opts.amp:
+        cells[f"train_images_per_s_{amp}"], reason = training_cell(name, amp, image, opts)
+        if reason:
+            notes.append(f"{name}, train --amp {amp}: skipped ({reason})")
+    return cells
 
 
 def columns(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
@@ -264,7 +273,7 @@ def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
         where += ", freed memory kept" if opts.kept_freed_memory else ", system malloc"
     extra = f", model flags {' '.join(opts.model_args)}" if opts.model_args else ""
     return (f"# {where}; torch {torch.__version__}; image {opts.height}x{opts.width}; training batch "
-            f"{opts.train_batch_size}; median of {opts.repeats} after {opts.warmup} warm-up{extra}")
+            f"{opts.train_batch_size}; median of {opts.repeats} (models in turn) after {opts.warmup} warm-up{extra}")
 
 
 def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
@@ -301,7 +310,7 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
 
 
 def model_benchmark(argv: list[str]) -> None:
-    """Print the table of ``benchmark.py model`` (a row per model as it is measured), then the notes."""
+    """Print the table of ``benchmark.py model`` (each row when its model is measured), then the notes."""
     opts = parse_model_benchmark_args(argv)
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -315,8 +324,14 @@ def model_benchmark(argv: list[str]) -> None:
     print(table_line(["model"] + [header for _, header, _ in cols]))
     print(table_line(["---"] * (len(cols) + 1)), flush=True)
     notes: list[str] = []
-    for name in opts.models:
-        row = measure(name, image, opts, notes)
+    # All models' inference first, timed in turn; then each model's training, its row printed when done.
+    rows = {name: {"model": name} for name in opts.models}
+    if "cost" in opts.measure or "fps" in opts.measure:
+        for name, cells in inference_cells(opts.models, image, opts).items():
+            rows[name].update(cells)
+    for name, row in rows.items():
+        if "train" in opts.measure:
+            row.update(training_cells(name, image, opts, notes))
         print(format_row(row, cols), flush=True)
         if opts.jsonl:
             setup = {"device": str(device), "threads": torch.get_num_threads(),
