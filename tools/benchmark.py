@@ -251,7 +251,7 @@ def columns(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
     if "fps" in opts.measure:
         cols += [(f"fps_bs{b}", f"FPS batch {b}", ".2f") for b in opts.batch_sizes]
     if "train" in opts.measure:
-        cols += [(f"train_images_per_s_{amp}", f"train img/s amp {amp}", ".2f") for amp in opts.amp]
+        cols += [(f"train_images_per_s_{amp}", f"train img/s amp {amp}", ".3f") for amp in opts.amp]
     return cols
 
 
