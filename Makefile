@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
-# Synthetic data, a fresh training run (about 8 minutes on 2 CPU cores), then curves.png and predictions.png.
+# Synthetic data, a fresh training run (7-8 minutes on 2 CPU cores), then curves.png and predictions.png.
 demo: install
 	test -n "$(DEMO_DIR)"
 	$(PY) tools/make_synthetic_coco.py --out $(DEMO_DIR)/data --train $(DEMO_TRAIN) --val $(DEMO_VAL)
