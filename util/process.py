@@ -76,7 +76,9 @@ def keep_freed_memory() -> bool:
     with a fresh ``mmap`` that ``free`` unmaps, so each large activation is page-faulted and zeroed by the
     kernel again on every forward: about 100,000 page faults, 0.3 s of CPU time, per Sparse DETR forward
     at 850x1040 (see docs/benchmarks.md). Serving everything from the heap and never trimming it removes
-    them; the price is that the process keeps its peak memory. A no-op (False) off glibc.
+    them; the price is that the process keeps its peak memory, and what fragmentation adds to it (a few
+    blocks of the largest size in use: a freed block is reused once a free one fits it with its alignment
+    padding). A no-op (False) off glibc.
     """
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
