@@ -151,10 +151,10 @@ def multiply_adds(model: torch.nn.Module, image: torch.Tensor) -> float:
 
 def inference_fps(models: dict[str, torch.nn.Module], image: torch.Tensor, batch_size: int, warmup: int,
                   repeats: int) -> dict[str, float]:
-    """Images per second of each model's eval forwards under ``torch.no_grad()`` of the image repeated
-    ``batch_size`` times, the models timed in turn (:func:`median_seconds`)."""
+    """Images per second of each model's forwards (models in eval mode) under ``torch.no_grad()`` of the
+    image repeated ``batch_size`` times, the models timed in turn (:func:`median_seconds`)."""
     samples = batch_of(image, batch_size)
-    forwards = {name: (lambda model=model: model.eval()(samples)) for name, model in models.items()}
+    forwards = {name: (lambda model=model: model(samples)) for name, model in models.items()}
     with torch.no_grad():
         seconds = median_seconds(forwards, image.device, warmup, repeats)
     return {name: batch_size / s for name, s in seconds.items()}
@@ -204,7 +204,7 @@ def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: a
 
 def inference_cells(names: list[str], image: torch.Tensor, opts: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The ``cost`` and ``fps`` cells (those ``opts.measure`` asks for) of each model, by name."""
-    models = {name: build(name, image.device, opts.model_args)[0].requires_grad_(False) for name in names}
+    models = {name: build(name, image.device, opts.model_args)[0].requires_grad_(False).eval() for name in names}
     cells: dict[str, dict[str, float]] = {name: {} for name in names}
     if "cost" in opts.measure:
         for name, model in models.items():
