@@ -266,11 +266,12 @@ def format_row(row: dict[str, Any], cols: list[tuple[str, str, str]]) -> str:
     return table_line(cells)
 
 
-def describe_setup(device: torch.device, opts: argparse.Namespace) -> str:
-    """The line above the table: device, torch, image, batch and timing settings."""
+def describe_setup(device: torch.device, opts: argparse.Namespace, kept_freed_memory: bool) -> str:
+    """The line above the table: device (and on CPU whether freed memory is kept), torch, image, batch and
+    timing settings."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     if device.type == "cpu":
-        where += ", freed memory kept" if opts.kept_freed_memory else ", system malloc"
+        where += ", freed memory kept" if kept_freed_memory else ", system malloc"
     extra = f", model flags {' '.join(opts.model_args)}" if opts.model_args else ""
     return (f"# {where}; torch {torch.__version__}; image {opts.height}x{opts.width}; training batch "
             f"{opts.train_batch_size}; median of {opts.repeats} (models in turn) after {opts.warmup} warm-up{extra}")
@@ -317,10 +318,10 @@ def model_benchmark(argv: list[str]) -> None:
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    opts.kept_freed_memory = device.type == "cpu" and not opts.system_malloc and keep_freed_memory()
+    kept_freed_memory = device.type == "cpu" and not opts.system_malloc and keep_freed_memory()
     image = torch.randn(3, opts.height, opts.width, generator=torch.Generator().manual_seed(0)).to(device)
     cols = columns(opts)
-    print(describe_setup(device, opts))
+    print(describe_setup(device, opts, kept_freed_memory))
     print(table_line(["model"] + [header for _, header, _ in cols]))
     print(table_line(["---"] * (len(cols) + 1)), flush=True)
     notes: list[str] = []
@@ -335,7 +336,7 @@ def model_benchmark(argv: list[str]) -> None:
         print(format_row(row, cols), flush=True)
         if opts.jsonl:
             setup = {"device": str(device), "threads": torch.get_num_threads(),
-                     "kept_freed_memory": opts.kept_freed_memory, "height": opts.height,
+                     "kept_freed_memory": kept_freed_memory, "height": opts.height,
                      "width": opts.width, "train_batch_size": opts.train_batch_size, "warmup": opts.warmup,
                      "repeats": opts.repeats, "model_args": opts.model_args, "torch": torch.__version__}
             with open(opts.jsonl, "a") as f:
