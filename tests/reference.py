@@ -13,18 +13,24 @@ from main import get_args_parser, validate_args
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def fixtures_dir() -> Path | None:
-    path = Path(os.environ.get("DETR_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures"))
+# The fixture sets: the main one pads to a square batch; "nonsquare" to a 96x224 one (see its README section).
+FIXTURE_SETS = ("", "nonsquare")
+
+
+def fixtures_dir(fixture_set: str = "") -> Path | None:
+    root = Path(os.environ.get("DETR_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures"))
+    path = root / fixture_set
     return path if (path / "index.json").is_file() else None
 
 
-def require_fixtures() -> Path:
-    """The fixtures folder; skips the test where it is absent, fails under CI."""
-    path = fixtures_dir()
+def require_fixtures(fixture_set: str = "") -> Path:
+    """The folder of a fixture set; skips the test where it is absent, fails under CI."""
+    path = fixtures_dir(fixture_set)
     if path is None:
+        where = f"../shared/fixtures/{fixture_set}".rstrip("/")
         if os.environ.get("CI") == "true":
-            pytest.fail("reference fixtures not found: set DETR_FIXTURES or place them at ../shared/fixtures")
-        pytest.skip("reference fixtures not found (set DETR_FIXTURES)")
+            pytest.fail(f"reference fixtures not found at {where}: set DETR_FIXTURES or place them there")
+        pytest.skip(f"reference fixtures not found at {where} (set DETR_FIXTURES)")
     return path
 
 
@@ -34,16 +40,17 @@ def _weights_file(path: str) -> dict:
 
 
 @lru_cache(maxsize=None)
-def load_fixture(name: str) -> dict:
-    return torch.load(require_fixtures() / f"{name}.pt", map_location="cpu", weights_only=False)
+def load_fixture(name: str, fixture_set: str = "") -> dict:
+    return torch.load(require_fixtures(fixture_set) / f"{name}.pt", map_location="cpu", weights_only=False)
 
 
-def fixture_state_dict(fixture: dict) -> dict[str, torch.Tensor]:
-    """The reference's state dict for this fixture, in float64 (as the fixture README prescribes)."""
-    folder = require_fixtures()
+def fixture_state_dict(fixture: dict, fixture_set: str = "") -> dict[str, torch.Tensor]:
+    """The reference's state dict for this fixture, in float64 (as the fixture README prescribes). The
+    weight files are named relative to the fixture's own folder."""
+    folder = require_fixtures(fixture_set)
     pool: dict[str, torch.Tensor] = {}
     for name in fixture["weights_files"]:
-        pool.update(_weights_file(str(folder / name)))
+        pool.update(_weights_file(str((folder / name).resolve())))
     pool.update(fixture["state_dict_overrides"])
     return {k: pool[k].double() if pool[k].is_floating_point() else pool[k] for k in fixture["state_dict_keys"]}
 
@@ -57,7 +64,7 @@ def fixture_args(fixture: dict, model: str = "deformable"):
     return validate_args(args)
 
 
-def build_fixture_model(fixture: dict, model: str = "deformable"):
+def build_fixture_model(fixture: dict, model: str = "deformable", fixture_set: str = ""):
     """``build_model`` for this fixture, in float64 with the fixture's weights loaded strictly.
 
     The backbone is built as pretrained (early layers frozen, as the reference) but its ImageNet
@@ -69,7 +76,7 @@ def build_fixture_model(fixture: dict, model: str = "deformable"):
     with mock.patch("models.backbone._load_imagenet_weights", return_value=None):
         detector, criterion, postprocessors = build_model(fixture_args(fixture, model))
     detector.double()
-    detector.load_state_dict(fixture_state_dict(fixture), strict=True)
+    detector.load_state_dict(fixture_state_dict(fixture, fixture_set), strict=True)
     return detector, criterion, postprocessors
 
 

@@ -127,6 +127,10 @@ NOT_COCO = {
                              "categories": []},
                             '2 ids appear more than once in "images" (e.g. 1, 2); each entry needs its own id '
                             "(pycocotools indexes them by id)"),
+    "duplicate_annotation_ids": ({"images": [image(1)], "annotations": [box(1, [1, 1, 2, 2], id=7),
+                                                                      box(1, [2, 2, 2, 2], id=7)], "categories": []},
+                                 '1 ids appear more than once in "annotations" (e.g. 7); each entry needs its own id '
+                                 "(pycocotools indexes them by id)"),
     "unknown_image_id": ({"images": [image(1)], "annotations": [box(1, [1, 1, 2, 2], id=1),
                                                                 box(99, [1, 1, 2, 2], id=2)], "categories": []},
                          '1 annotations refer to image ids missing from "images" (e.g. annotation 2 -> image_id 99); '
@@ -292,6 +296,16 @@ def test_bad_boxes_are_counted_per_kind_and_never_reach_the_targets(tmp_path, ca
         f'{ann_file}: annotations whose "bbox" is not 4 finite numbers [x, y, width, height]: 5 (e.g. annotation 6: '
         '[1, 1, NaN, 5], annotation 7: [1, 1, Infinity, 5], annotation 8: ["1", 1, 5, 5]): correct or remove these '
         "annotations (without --strict_data they are dropped)")
+
+
+@pytest.mark.parametrize("side,bbox", [("left", [-2, 5, 10, 10]), ("top", [5, -2, 10, 10]),
+                                       ("right", [35, 5, 10, 10]), ("bottom", [5, 25, 10, 10])])
+def test_a_box_partly_outside_any_side_of_its_image_is_reported(tmp_path, caplog, side, bbox):
+    ann_file = write_split(tmp_path, "val", [image(1)], [box(1, bbox)])
+    caplog.set_level(logging.WARNING)
+    CocoDetection(tmp_path / "val2017", ann_file)
+    assert warnings(caplog) == [f"{ann_file}: boxes partly outside their image: 1 (e.g. annotation 1: "
+                                f"{json.dumps(bbox)} in a 40x30 image); clipped to the image for training"]
 
 
 def test_non_finite_boxes_are_dropped_from_targets():

@@ -49,6 +49,8 @@ def save_model_checkpoint(path: Path, *flags: str, drop: str = "") -> Path:
     (["--eff_query_init", "--two_stage"],
      "Invalid arguments:\n  --two_stage needs --with_box_refine (the decoder refines the proposal boxes, as in every "
      "published two-stage config)"),
+    (["--clip_max_norm", "-1"],
+     "Invalid arguments:\n  --clip_max_norm must be >= 0 (0 disables clipping), got -1.0"),
     (["--batch_size", "0", "--eval"],
      "Invalid arguments:\n  --batch_size must be at least 1, got 0\n  --eval evaluates a checkpoint: add --resume PATH"),
 ])

@@ -122,6 +122,14 @@ def test_dataset_returns_normalised_cxcywh(synthetic_root, image_set):
             assert min(image.shape[1:]) == 128
 
 
+@pytest.mark.parametrize("image_set", ["train", "val"])
+def test_max_size_bounds_the_longer_side(synthetic_root, image_set):
+    random.seed(0)
+    dataset = build_dataset(image_set, make_args(synthetic_root, scales=[128], val_size=128, max_size=100))
+    for image, target in dataset:
+        assert max(image.shape[1:]) <= 100 and tuple(target["size"].tolist()) == tuple(image.shape[1:])
+
+
 def test_crowd_and_degenerate_boxes_dropped(tmp_path):
     anns = [
         {"image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10]},  # kept
@@ -273,6 +281,31 @@ def test_evaluator_without_predictions(synthetic_root):
     empty.update({i: {"scores": [], "labels": [], "boxes": torch.zeros(0, 4)} for i in coco_gt.getImgIds()})
     empty.accumulate()
     assert all(s in (0.0, -1.0) for s in empty.stats) and empty.stats[0] == 0.0
+
+
+def _subset_stats(coco_gt, detections: dict) -> list[float]:
+    evaluator = CocoEvaluator(coco_gt)
+    evaluator.update(detections)
+    return evaluator.stats
+
+
+def test_evaluating_a_subset_equals_evaluating_that_subset_alone(tmp_path):
+    """Only the images given detections are scored: a subset of a 3-image ground truth gives the stats of a
+    ground truth that holds that subset alone (the other images' objects are not counted as missed)."""
+    annotations = [{"image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10]},
+                   {"image_id": 2, "category_id": 2, "bbox": [2, 2, 12, 12]},
+                   {"image_id": 3, "category_id": 1, "bbox": [4, 4, 8, 8]}]
+    full = tmp_path / "full"
+    write_hand_made(full, [dict(a) for a in annotations], image_sizes=((64, 48), (32, 32), (40, 40)))
+    alone = tmp_path / "alone"
+    write_hand_made(alone, [dict(annotations[0]), dict(annotations[1])], image_sizes=((64, 48), (32, 32)))
+    detections = {1: {"scores": torch.tensor([0.9, 0.4]), "labels": torch.tensor([1, 1]),
+                      "boxes": torch.tensor([[11.0, 5, 30, 16], [40, 30, 60, 45]])},
+                  2: {"scores": torch.tensor([0.8]), "labels": torch.tensor([2]),
+                      "boxes": torch.tensor([[2.0, 3, 13, 14]])}}
+    subset = _subset_stats(get_coco_api_from_dataset(build_dataset("val", make_args(full))), detections)
+    assert subset == _subset_stats(get_coco_api_from_dataset(build_dataset("val", make_args(alone))), detections)
+    assert subset[0] > 0.5
 
 
 def test_evaluator_with_image_without_annotations(tmp_path):

@@ -100,7 +100,8 @@ def test_resume_reproduces_the_uninterrupted_run(sparse_runs):
     assert train_stats(resumed[0]) == train_stats(full[0])
     # Epoch 2 restarts from the checkpoint: same weights, optimiser moments, lr schedule, data order, dropout.
     assert train_stats(resumed[1]) == train_stats(full[1])
-    assert full[1]["train_lr"] == pytest.approx(0.1 * full[0]["train_lr"])  # the StepLR drop survived
+    # The lr of epoch k is lr * 0.1^(k // lr_drop): the scheduler steps after each epoch, not before.
+    assert [r["train_lr"] for r in full] == pytest.approx([2e-4, 2e-5])
     assert resumed[1]["test_loss"] == full[1]["test_loss"]
     a = torch.load(sparse_runs["full"] / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
     b = torch.load(sparse_runs["resumed"] / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
@@ -187,6 +188,38 @@ def test_checkpoint_paths_follow_the_reference():
 
 # ----------------------------------------------------------------------------------------------
 # Training step pieces
+
+
+def test_clipping_bounds_every_gradient_the_optimizer_applies(coco_root, tmp_path, monkeypatch):
+    """A run with --clip_max_norm 0.001: each AdamW step sees gradients of total norm <= 0.001, while the
+    logged norm (before clipping) is larger, so the bound did work."""
+    norms, real_step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    record = engine.run(tiny_args(coco_root, "--epochs", "1", "--clip_max_norm", "0.001"))
+    assert len(norms) == 4 and max(norms) <= 0.001 * (1 + 1e-5)
+    assert record["train_grad_norm"] > 0.01
+
+
+def test_training_order_and_augmentation_follow_the_seed(coco_root):
+    """The batches of an epoch depend on --seed and the epoch: equal for equal seeds, different otherwise."""
+    dataset = list(range(40))
+
+    def batches(seed: int, epoch: int) -> list:
+        loader = engine.build_data_loader(dataset, tiny_args(coco_root, "--seed", str(seed)), engine.DistContext(),
+                                          train=True, device=torch.device("cpu"))
+        assert loader.dataset.seed == seed  # each sample's augmentation is seeded from it too
+        loader.batch_sampler.set_epoch(epoch)
+        return [[index for _, index in batch] for batch in loader.batch_sampler]
+
+    assert batches(1, 0) == batches(1, 0)
+    assert batches(1, 0) != batches(2, 0)
+    assert batches(1, 0) != batches(1, 1)
 
 
 def test_a_non_finite_loss_skips_its_step_with_a_warning_naming_the_loss(coco_root, monkeypatch, caplog):

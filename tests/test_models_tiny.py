@@ -117,3 +117,21 @@ def test_rho_one_updates_every_valid_token_like_the_dense_encoder():
     dense = encoder(*args)["memory"]
     sparse = encoder(*args, kept_index=torch.randperm(10)[None], kept_counts=torch.tensor([10]))["memory"]
     torch.testing.assert_close(sparse, dense)
+
+
+COEFFICIENTS = ["--cls_loss_coef", "3", "--bbox_loss_coef", "4", "--giou_loss_coef", "1.5",
+                "--mask_prediction_coef", "0.5", "--set_cost_class", "1.25", "--set_cost_bbox", "2.5",
+                "--set_cost_giou", "0.75", "--focal_alpha", "0.3"]
+
+
+def test_every_loss_and_matching_coefficient_flag_reaches_the_criterion():
+    """Each weight of the criterion is the value of its flag (not a default), per loss name."""
+    _, criterion, _ = tiny_model(*SPARSE, "--rho", "0.3", *COEFFICIENTS)
+    by_name = {"loss_ce": 3.0, "loss_bbox": 4.0, "loss_giou": 1.5, "loss_mask_prediction": 0.5}
+    for key, weight in criterion.weight_dict.items():
+        base = next(name for name in by_name if key == name or key.startswith(name + "_"))
+        assert weight == by_name[base], key
+    assert criterion.weight_dict["loss_mask_prediction"] == 0.5
+    matcher = criterion.matcher
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (1.25, 2.5, 0.75)
+    assert criterion.focal_alpha == 0.3

@@ -163,3 +163,17 @@ def test_cuda_backward_is_bitwise_repeatable_in_deterministic_mode():
     finally:
         torch.use_deterministic_algorithms(previous)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_pixel_offsets_are_normalised_by_each_levels_width_and_height():
+    """A 2-d reference point moves by (dx / W_l, dy / H_l) for an offset of (dx, dy) pixels: on levels wider
+    than tall, dividing by (H, W) instead would move it elsewhere."""
+    attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=1, n_points=1)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 2.0, 3.0, -1.0]))  # (dx, dy) per level
+    shapes, starts = torch.tensor([[2, 8], [3, 5]]), torch.tensor([0, 16])
+    ref = torch.full((1, 1, 2, 2), 0.5)
+    _, locations, _ = attn(torch.randn(1, 1, 8), ref, torch.randn(1, 31, 8), shapes, starts)
+    expected = torch.tensor([[0.5 + 1 / 8, 0.5 + 2 / 2], [0.5 + 3 / 5, 0.5 - 1 / 3]])
+    torch.testing.assert_close(locations[0, 0, 0, :, 0], expected)

@@ -1,12 +1,15 @@
 """Parity with the original implementations on their recorded fixtures (../shared/fixtures):
 kakaobrain/sparse-detr (Deformable, Efficient, Sparse DETR), facebookresearch/detr, shengwenyuan/sdetr.
-Same weights in, same outputs, losses, gradient norms and detections out."""
+Same weights in, same outputs, losses, gradient norms and detections out.
+
+Every model runs on both fixture sets: the main one, whose batch pads to a square 224x224, and
+``nonsquare/`` (a 96x224 batch), where any mix-up of height and width changes the numbers."""
 import pytest
 import torch
 
 from util.misc import nested_tensor_from_tensor_list
 
-from reference import assert_close_tree, build_fixture_model, load_fixture
+from reference import FIXTURE_SETS, assert_close_tree, build_fixture_model, load_fixture
 
 # fixture name -> --model
 FIXTURES = {
@@ -24,11 +27,15 @@ def _double_targets(targets):
     return [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
+CASES = [(fixture_set, name) for fixture_set in FIXTURE_SETS for name in FIXTURES]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{s or 'square'}/{n}" for s, n in CASES])
 def run(request):
     """Build the fixture's model with its weights; run forward, losses, backward and post-processing."""
-    fixture = load_fixture(request.param)
-    model, criterion, postprocessors = build_fixture_model(fixture, FIXTURES[request.param])
+    fixture_set, name = request.param
+    fixture = load_fixture(name, fixture_set)
+    model, criterion, postprocessors = build_fixture_model(fixture, FIXTURES[name], fixture_set)
     samples = nested_tensor_from_tensor_list([img.double() for img in fixture["images"]])
     model.train()
     outputs = model(samples)

@@ -1,0 +1,161 @@
+"""Plant known bugs one at a time and check that the tests catch each of them.
+
+    python tests/mutation_check.py                 # every mutant
+    python tests/mutation_check.py matcher_alpha   # some of them, by name
+    python tests/mutation_check.py --list
+
+Each mutant is a small realistic bug (the survivors of the mutation audit in issue #20, and the like). The
+checkout is copied to a temporary folder, the bug is planted there (the working tree is never touched), and
+each test selection of the mutant runs in the copy: the mutant is caught when a selection fails. The script
+exits 1 when a mutant survives, 2 when a mutant no longer applies (the code it changes moved: update the
+mutant with the code).
+
+Not part of ``make test`` (it runs the selected tests once per mutant, a few minutes in all); run it after
+changing a file that a mutant plants into, and add a mutant with each test written against a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """``edits``: (file, text, replacement) applied in order, each text found exactly once; ``tests``: pytest
+    selections (arguments), each of which should fail with the bug planted."""
+    name: str
+    bug: str
+    edits: tuple[tuple[str, str, str], ...]
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant("dam_grid_hw", "DAM grid scaled by (H, W) instead of (W, H)",
+           (("models/dam.py", "size_xy = spatial_shapes.flip(-1).view(-1, 1, 2)", "size_xy = spatial_shapes.view(-1, 1, 2)"),),
+           ("tests/test_parity.py -k nonsquare", "tests/test_dam.py")),
+    Mutant("offset_normaliser_hw", "sampling offsets normalised by (H, W) instead of (W, H)",
+           (("models/ops/ms_deform_attn.py", "torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)",
+             "torch.stack([spatial_shapes[..., 0], spatial_shapes[..., 1]], -1)"),),
+           ("tests/test_parity.py -k nonsquare", "tests/test_ms_deform_attn.py -k normalised")),
+    Mutant("mask_prediction_coef_ignored", "--mask_prediction_coef ignored (weight hard-coded to 1.0)",
+           (("models/deformable_detr.py", "mask_prediction=args.mask_prediction_coef if args.rho else None",
+             "mask_prediction=1.0 if args.rho else None"),),
+           ("tests/test_models_tiny.py -k coefficient",)),
+    Mutant("matcher_alpha", "focal matching cost's negative term weighted by alpha instead of 1 - alpha",
+           (("models/matcher.py", "neg = (1 - alpha) * prob ** gamma", "neg = alpha * prob ** gamma"),),
+           ("tests/test_box_ops_matcher.py -k focal_class_cost", "tests/test_box_ops_matcher.py -k by_hand")),
+    Mutant("inverse_sigmoid_eps", "inverse_sigmoid eps 1e-3 instead of 1e-5",
+           (("util/misc.py", "eps: float = 1e-5", "eps: float = 1e-3"),),
+           ("tests/test_misc.py",)),
+    Mutant("scheduler_before_epoch", "lr scheduler stepped at the start of each epoch instead of the end",
+           (("engine.py", "            lr_scheduler.step()\n", ""),
+            ("engine.py", "            loader_train.batch_sampler.set_epoch(epoch, progress.step)\n",
+             "            loader_train.batch_sampler.set_epoch(epoch, progress.step)\n            lr_scheduler.step()\n")),
+           ("tests/test_engine.py -k resume_reproduces",)),
+    Mutant("clipping_never_applied", "gradient clipping never applied",
+           (("engine.py", "grad_norm = grad_norm_and_clip(model.parameters(), clip_max_norm)",
+             "grad_norm = grad_norm_and_clip(model.parameters(), 0.0)"),),
+           ("tests/test_engine.py -k clipping",)),
+    Mutant("data_order_ignores_seed", "training data order ignoring --seed",
+           (("engine.py", "shuffle=True, seed=args.seed)", "shuffle=True, seed=0)"),),
+           ("tests/test_engine.py -k follow_the_seed",)),
+    Mutant("max_size_ignored", "--max_size ignored by the dataset",
+           (("datasets/coco.py", 'max_size=getattr(args, "max_size", None) or 1333,', "max_size=1333,"),),
+           ("tests/test_datasets.py -k max_size",)),
+    Mutant("duplicate_annotation_ids", "duplicate annotation ids no longer rejected",
+           (("datasets/coco.py", '    _check_unique_ids(dataset["annotations"], "annotations", ann_file)\n', ""),),
+           ("tests/test_bad_data.py -k duplicate_annotation_ids",)),
+    Mutant("partly_outside_bottom", "boxes partly outside the image at the bottom not reported",
+           (("datasets/coco.py", " or y + h > height:", ":"),),
+           ("tests/test_bad_data.py -k partly_outside",)),
+    Mutant("evaluator_scores_every_image", "the evaluator scoring every ground-truth image, not only those given",
+           (("datasets/coco_eval.py", "coco_eval.params.imgIds = img_ids", "coco_eval.params.imgIds = sorted(self.coco_gt.getImgIds())"),),
+           ("tests/test_datasets.py -k subset",)),
+    Mutant("clip_max_norm_check_removed", "the start-up check of --clip_max_norm < 0 removed",
+           (("main.py", "    if args.clip_max_norm < 0:\n", "    if False:\n"),),
+           ("tests/test_bad_input.py -k invalid_flags",)),
+)
+
+
+def copy_checkout(destination: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the checkout, as they are in the working tree."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def plant(mutant: Mutant, checkout: Path) -> None:
+    for file, text, replacement in mutant.edits:
+        path = checkout / file
+        source = path.read_text()
+        if source.count(text) != 1:
+            raise LookupError(f"{mutant.name}: {file} holds {source.count(text)} copies of {text!r} (needs exactly "
+                              "one): update the mutant to the current code")
+        path.write_text(source.replace(text, replacement))
+
+
+def run_tests(selection: str, checkout: Path) -> bool:
+    """Whether the selection passes in ``checkout``."""
+    env = {**os.environ, "DETR_FIXTURES": os.environ.get("DETR_FIXTURES", str(ROOT.parent / "shared" / "fixtures"))}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *shlex.split(selection)]
+    return subprocess.run(command, cwd=checkout, env=env, capture_output=True).returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to check (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for mutant in MUTANTS:
+            print(f"{mutant.name:32s} {mutant.bug}")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutants {unknown}; --list names them")
+    chosen = [by_name[n] for n in args.names] or list(MUTANTS)
+    # A selection that fails without any bug would "catch" every mutant: each must pass on the clean code.
+    with tempfile.TemporaryDirectory(prefix="mutant-none-") as folder:
+        copy_checkout(Path(folder))
+        failing = [s for s in dict.fromkeys(t for m in chosen for t in m.tests) if not run_tests(s, Path(folder))]
+    if failing:
+        print(f"these selections fail without any planted bug: {failing}; fix them first")
+        return 2
+    survivors, stale = [], []
+    for mutant in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as folder:
+            checkout = Path(folder)
+            copy_checkout(checkout)
+            try:
+                plant(mutant, checkout)
+            except LookupError as err:
+                print(f"STALE     {err}", flush=True)
+                stale.append(mutant.name)
+                continue
+            caught = [selection for selection in mutant.tests if not run_tests(selection, checkout)]
+        verdict = "caught  " if caught else "SURVIVED"
+        print(f"{verdict}  {mutant.name:32s} {len(caught)}/{len(mutant.tests)} selections fail: "
+              f"{'; '.join(caught) or '-'}", flush=True)
+        if not caught:
+            survivors.append(mutant.name)
+    print(f"{len(chosen) - len(survivors) - len(stale)} caught, "
+          f"{len(survivors)} survived, {len(stale)} stale")
+    return 2 if stale else 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
