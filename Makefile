@@ -6,7 +6,9 @@ DEMO_DIR ?= outputs/demo
 DEMO_TRAIN ?= 800
 DEMO_VAL ?= 100
 
-.PHONY: install test demo clean
+GPU_CHECK_OUT ?= outputs/gpu_check
+
+.PHONY: install test demo gpu-check clean
 
 # Reinstalls only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -28,6 +30,11 @@ demo: install
 	rm -rf $(DEMO_DIR)/run
 	PYTHON=$(abspath $(PY)) bash configs/demo_synthetic.sh --coco_path $(DEMO_DIR)/data --output_dir $(DEMO_DIR)/run
 	$(PY) tools/demo_report.py $(DEMO_DIR)/run --coco_path $(DEMO_DIR)/data
+
+# On a machine with a CUDA GPU: build the kernel, CUDA tests, op and model benchmarks, mixed-precision and
+# deterministic training; report.md and results.jsonl in $(GPU_CHECK_OUT) (tools/gpu_check.py).
+gpu-check: install
+	$(PY) tools/gpu_check.py $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,11 +16,14 @@ import sys
 # Defaults that depend on --model; flags left at None take them. Values are the references'.
 MODEL_DEFAULTS = {
     "deformable": dict(lr=2e-4, lr_backbone=2e-5, batch_size=2, epochs=50, lr_drop=40, num_queries=300,
-                       dim_feedforward=1024, set_cost_class=2.0, cls_loss_coef=2.0, lr_scaling="sqrt"),
+                       dim_feedforward=1024, set_cost_class=2.0, cls_loss_coef=2.0, lr_scaling="sqrt",
+                       checkpoint_every=5, lr_backbone_names=["backbone.0"]),
     "detr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=2, epochs=300, lr_drop=200, num_queries=100,
-                 dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, lr_scaling="none"),
+                 dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, lr_scaling="none",
+                 checkpoint_every=100, lr_backbone_names=["backbone"]),
     "sdetr": dict(lr=1e-4, lr_backbone=1e-5, batch_size=4, epochs=300, lr_drop=100, num_queries=100,
-                  dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, lr_scaling="none"),
+                  dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, lr_scaling="none",
+                  checkpoint_every=100, lr_backbone_names=["backbone"]),
 }
 
 # SDETR's per-stage layer and head counts (the reference hard-codes these values).
@@ -32,6 +35,15 @@ SDETR_STAGE_DEFAULTS = {
 }
 
 DEFORMABLE_ONLY_FLAGS = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
+
+
+# The references' spellings of flag values that users copy from their READMEs and configs, and ours.
+REFERENCE_SPELLINGS = {"backbone": {"swin-t": "swin_tiny"}}
+
+
+def backbone_name(value: str) -> str:
+    """``--backbone`` value: ours, or the reference's spelling of it (Sparse DETR's configs say ``swin-t``)."""
+    return REFERENCE_SPELLINGS["backbone"].get(value, value)
 
 
 def _model_default(name: str) -> str:
@@ -47,8 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--lr", default=None, type=float, help=f"learning rate; default {_model_default('lr')}")
-    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+",
-                   help="parameters whose name contains one of these train at --lr_backbone")
+    g.add_argument("--lr_backbone_names", default=None, type=str, nargs="+",
+                   help="parameters whose name contains one of these train at --lr_backbone; default "
+                        f"{_model_default('lr_backbone_names')}: DETR's learned position embedding "
+                        "(backbone.1) trains at --lr_backbone as in DETR, the deformable family's at --lr")
     g.add_argument("--lr_backbone", default=None, type=float,
                    help=f"backbone learning rate, 0 freezes it; default {_model_default('lr_backbone')}")
     g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+",
@@ -70,10 +84,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="two-stage: queries start from the top-scoring encoder proposals (needs --with_box_refine)")
 
     g = parser.add_argument_group("backbone")
-    g.add_argument("--backbone", default="resnet50",
+    g.add_argument("--backbone", default="resnet50", type=backbone_name,
                    choices=("resnet18", "resnet34", "resnet50", "resnet101", "swin_tiny"),
-                   help="torchvision ResNet with frozen BatchNorm, or Swin-T (needs --backbone_weights or "
-                        "--backbone_from_scratch: no downloadable weights)")
+                   help="torchvision ResNet with frozen BatchNorm, or Swin-T (swin-t, the reference's spelling, "
+                        "also works; needs --backbone_weights or --backbone_from_scratch: no downloadable weights)")
     g.add_argument("--dilation", action="store_true",
                    help="replace the stride of the last stage by dilation (DC5)")
     g.add_argument("--position_embedding", default="sine", choices=("sine", "learned"),
@@ -155,7 +169,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DETR/SDETR: weight of the no-object class in the cross-entropy")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_file", default="coco", choices=("coco",), help="dataset format")
+    g.add_argument("--dataset_file", default="coco", choices=("coco",),
+                   help="dataset format: COCO (the references' flag; datasets.build_dataset dispatches on it)")
     g.add_argument("--coco_path", default="./data/coco", type=str,
                    help="folder with train2017/, val2017/ and annotations/instances_{train,val}2017.json")
     g.add_argument("--num_classes", default=91, type=int,
@@ -169,7 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(tools/check_dataset.py lists every problem without training)")
 
     g = parser.add_argument_group(
-        "training loop", "see engine.py; --resume auto continues from <output_dir>/checkpoint.pth when it exists")
+        "training loop", "see runner.py; --resume auto continues from <output_dir>/checkpoint.pth when it exists")
     g.add_argument("--lr_scaling", default=None, choices=("sqrt", "none"),
                    help="sqrt: multiply --lr and --lr_backbone by sqrt(global batch / 16), as Sparse DETR's "
                         f"reference does; none: use them as given (DETR's references); default "
@@ -197,6 +212,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     g.add_argument("--seed", default=42, type=int, help="random seed (plus the process rank)")
     g.add_argument("--resume", default="", help="checkpoint to resume from (or evaluate with --eval)")
+    g.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
+                   help="besides checkpoint.pth, keep checkpoint<epoch>.pth every N epochs and before each lr drop; "
+                        f"default {_model_default('checkpoint_every')} (the references')")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="unpickle --resume / --finetune / --backbone_weights files without restriction (legacy files "
+                        "holding other objects than weights and settings); a checkpoint can carry code that then "
+                        "runs: only for files from a source you trust")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --output_dir that holds one: its files are moved aside into "
+                        "<output_dir>/overwritten-<time>/, not deleted")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
     g.add_argument("--deterministic", action="store_true",
@@ -212,8 +237,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    import torch
     if args.device is None:
-        import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     errors = []
@@ -247,7 +272,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.two_stage and not args.with_box_refine:
         errors.append("--two_stage needs --with_box_refine (the decoder refines the proposal boxes, as in every "
                       "published two-stage config)")
-    if args.model != "sdetr" and args.hidden_dim % args.nheads:
+    if args.nheads < 1:
+        errors.append(f"--nheads must be at least 1, got {args.nheads}")
+    elif args.model != "sdetr" and args.hidden_dim % args.nheads:
         errors.append(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
     if args.model == "deformable" and args.hidden_dim % 32:
         errors.append(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (GroupNorm of 32 groups)")
@@ -256,6 +283,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             errors.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_classes < 1:
         errors.append(f"--num_classes must be at least 1, got {args.num_classes}")
+    if args.num_workers < 0:
+        errors.append(f"--num_workers must be >= 0 (0 loads data in the main process), got {args.num_workers}")
+    if not 0.0 <= args.dropout < 1.0:
+        errors.append(f"--dropout must be in [0, 1) (a probability), got {args.dropout}")
+    for flag in ("lr", "lr_backbone", "weight_decay", "lr_linear_proj_mult"):
+        if getattr(args, flag) < 0:
+            zero = " (0 freezes the backbone)" if flag == "lr_backbone" else ""
+            errors.append(f"--{flag} must be >= 0{zero}, got {getattr(args, flag)}")
     if args.backbone_from_scratch and (args.backbone_weights or args.scrl_pretrained_path):
         errors.append("--backbone_from_scratch contradicts --backbone_weights / --scrl_pretrained_path: keep one")
     if args.backbone_weights and args.scrl_pretrained_path:
@@ -266,7 +301,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append(f"--dilation needs a bottleneck ResNet (resnet50/101), not --backbone {args.backbone}")
     if args.eval and not args.resume:
         errors.append("--eval evaluates a checkpoint: add --resume PATH")
-    for flag in ("log_every", "eval_every", "lr_drop", "max_size", "val_size", "max_nonfinite"):
+    for flag in ("log_every", "eval_every", "lr_drop", "max_size", "val_size", "max_nonfinite", "checkpoint_every"):
         if getattr(args, flag) < 1:
             errors.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.scales is not None and min(args.scales) < 1:
@@ -277,8 +312,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append("--resume auto looks for <output_dir>/checkpoint.pth: add --output_dir")
     if args.finetune and args.resume not in ("", "auto"):
         errors.append("--finetune and --resume PATH both load weights: keep one (--resume restores a whole run)")
+    if args.overwrite and (args.resume or args.eval or not args.output_dir):
+        errors.append("--overwrite starts a fresh training run in --output_dir: it goes with --output_dir, without "
+                      "--resume or --eval")
     if args.finetune and args.eval:
         errors.append("--eval evaluates the --resume checkpoint: drop --finetune")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        errors.append(f"--device {args.device}: CUDA is not available here (no GPU, or a CPU-only PyTorch); use "
+                      "--device cpu")
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
     return args
@@ -292,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     """Run, turning problems with the user's files and setup into a one-paragraph error, and a stop signal
     (already logged) into its exit status."""
-    from engine import run
+    from runner import run
     from util.errors import InputError
     from util.process import TrainingStopped
     try:

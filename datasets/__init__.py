@@ -4,7 +4,8 @@ from __future__ import annotations
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Subset
 
-from .coco import CocoDetection, build as build_coco, default_num_classes
+from .coco import CocoDetection, build as build_coco
+from .coco_checks import default_num_classes
 
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "default_num_classes"]
 
@@ -19,6 +20,13 @@ def get_coco_api_from_dataset(dataset: Dataset) -> COCO:
     return coco
 
 
+# --dataset_file -> the builder of that format; COCO is the format every reference config uses.
+BUILDERS = {"coco": build_coco}
+
+
 def build_dataset(image_set: str, args) -> CocoDetection:
-    """Build the ``image_set`` ('train' or 'val') split; see :func:`datasets.coco.build` for ``args``."""
-    return build_coco(image_set, args)
+    """Build the ``image_set`` ('train' or 'val') split of the ``args.dataset_file`` format; see
+    :func:`datasets.coco.build` for the other ``args``."""
+    if args.dataset_file not in BUILDERS:
+        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[args.dataset_file](image_set, args)

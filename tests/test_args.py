@@ -60,3 +60,25 @@ def test_unavailable_imagenet_weights_name_the_fixes(monkeypatch):
     message = str(exc.value)
     assert message.startswith("error: Could not get the ImageNet weights of resnet18")
     assert "--backbone_weights PATH" in message and "--backbone_from_scratch" in message
+
+
+# Command lines as the references' READMEs and configs give them (their paths replaced by ours).
+REFERENCE_COMMAND_LINES = {
+    "sparse_detr_swint_config": "--backbone swin-t --with_box_refine --two_stage --eff_query_init --eff_specific_head "
+                                "--rho 0.1 --use_enc_aux_loss --backbone_from_scratch",
+    "sparse_detr_direct": "--with_box_refine --two_stage --eff_query_init --eff_specific_head --rho 0.1 "
+                          "--use_enc_aux_loss --cache_mode --batch_size 3",
+    "sparse_detr_eval": "--with_box_refine --two_stage --eff_query_init --eff_specific_head --rho 0.1 "
+                        "--use_enc_aux_loss --resume ckpt.pth --eval",
+    "sparse_detr_scrl": "--with_box_refine --two_stage --rho 0.1 --scrl_pretrained_path scrl.pth",
+    "deformable_detr": "--dataset_file coco --coco_path data/coco --with_box_refine --two_stage --num_feature_levels 4",
+    "detr_eval": "--model detr --batch_size 2 --no_aux_loss --eval --resume detr-r50.pth --coco_path data/coco",
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_COMMAND_LINES)
+def test_reference_command_lines_parse(name):
+    args = parse_args(["--device", "cpu", *REFERENCE_COMMAND_LINES[name].split()])
+    if name == "sparse_detr_swint_config":
+        assert args.backbone == "swin_tiny"  # the reference's "swin-t"
+    assert args.dataset_file == "coco"

@@ -1,5 +1,5 @@
 """Bad data gets a clear answer: an InputError naming the problem and the fix, or one warning per kind of
-problem with a count (datasets/coco.py, engine.build_data_loader, main.py, tools/check_dataset.py)."""
+problem with a count (datasets/coco.py, runner.build_data_loader, main.py, tools/check_dataset.py)."""
 from __future__ import annotations
 
 import io
@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 import main
 from datasets import build_dataset
-from datasets.coco import COCO_FORMAT_HELP, LAYOUT_HELP, CocoDetection, coco_annotations_to_target
+from datasets.coco import LAYOUT_HELP, CocoDetection, coco_annotations_to_target
+from datasets.coco_checks import COCO_FORMAT_HELP
 from datasets.coco_eval import CocoEvaluator
 from models import build_model
 from test_engine import TINY as ENGINE_TINY
@@ -32,7 +33,8 @@ SMALL = dict(scales=[32], max_size=64, val_size=32)
 
 
 def make_args(coco_path: Path, **overrides) -> SimpleNamespace:
-    return SimpleNamespace(**{"coco_path": str(coco_path), "num_classes": None, **SMALL, **overrides})
+    return SimpleNamespace(**{"dataset_file": "coco", "coco_path": str(coco_path), "num_classes": None,
+                              "cache_mode": False, "strict_data": False, **SMALL, **overrides})
 
 
 def write_split(root: Path, split: str, images: list[dict], annotations: list[dict],

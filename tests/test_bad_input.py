@@ -51,6 +51,15 @@ def save_model_checkpoint(path: Path, *flags: str, drop: str = "") -> Path:
      "published two-stage config)"),
     (["--clip_max_norm", "-1"],
      "Invalid arguments:\n  --clip_max_norm must be >= 0 (0 disables clipping), got -1.0"),
+    (["--nheads", "0"], "Invalid arguments:\n  --nheads must be at least 1, got 0"),
+    (["--num_workers", "-1"],
+     "Invalid arguments:\n  --num_workers must be >= 0 (0 loads data in the main process), got -1"),
+    (["--dropout", "1.5"], "Invalid arguments:\n  --dropout must be in [0, 1) (a probability), got 1.5"),
+    (["--lr=-1e-4"], "Invalid arguments:\n  --lr must be >= 0, got -0.0001"),
+    (["--lr_backbone=-1e-5"], "Invalid arguments:\n  --lr_backbone must be >= 0 (0 freezes the backbone), got -1e-05"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--nheads", "-2"],
+     "Invalid arguments:\n  --device cuda: CUDA is not available here (no GPU, or a CPU-only PyTorch); use --device "
+     "cpu" if not torch.cuda.is_available() else "Invalid arguments:\n  --nheads must be at least 1, got -2"),
     (["--batch_size", "0", "--eval"],
      "Invalid arguments:\n  --batch_size must be at least 1, got 0\n  --eval evaluates a checkpoint: add --resume PATH"),
 ])

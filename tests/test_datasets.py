@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:
 
 from datasets import build_dataset, get_coco_api_from_dataset  # noqa: E402
 from datasets import transforms as T  # noqa: E402
-from datasets.coco import CocoDetection, default_num_classes  # noqa: E402
+from datasets.coco import CocoDetection  # noqa: E402
+from datasets.coco_checks import default_num_classes  # noqa: E402
 from datasets.coco_eval import CocoEvaluator  # noqa: E402
 from tools.make_synthetic_coco import make_synthetic_coco  # noqa: E402
 from util.box_ops import box_cxcywh_to_xyxy  # noqa: E402
@@ -28,7 +29,8 @@ SMALL = dict(scales=[96, 112, 128, 144, 160], max_size=267, val_size=128)
 
 
 def make_args(coco_path, **overrides) -> SimpleNamespace:
-    values = dict(coco_path=str(coco_path), cache_mode=False, num_classes=None, **SMALL)
+    values = dict(dataset_file="coco", coco_path=str(coco_path), cache_mode=False, num_classes=None, strict_data=False,
+                  **SMALL)
     values.update(overrides)
     return SimpleNamespace(**values)
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import engine
+import runner
 from main import parse_args
 from models import build_model
 from tools.make_synthetic_coco import make_synthetic_coco
@@ -72,7 +73,8 @@ def _ddp_worker(rank: int, init_file: str, weights: str, out: str) -> None:
         shard = slice(rank * IMAGES_PER_PROCESS, (rank + 1) * IMAGES_PER_PROCESS)
         images, targets = images[shard], targets[shard]
         args = parse_args(TINY_SPARSE + ["--batch_size", str(IMAGES_PER_PROCESS)])
-        ddp = engine.wrap_distributed(model, criterion, list(zip(images, targets)), args, torch.device("cpu"))
+        ddp = runner.wrap_distributed(model, criterion, list(zip(images, targets)), batch_size=args.batch_size,
+                                      device=torch.device("cpu"))
         grads = gradients(ddp, criterion, images, targets)
         if rank == 0:
             torch.save(grads, out)

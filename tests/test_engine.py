@@ -1,4 +1,4 @@
-"""Tests of engine.py: training / evaluation runs on a tiny synthetic COCO, exact resume, checkpoints,
+"""Tests of engine.py and runner.py: training / evaluation runs on a tiny synthetic COCO, exact resume, checkpoints,
 optimiser groups, non-finite losses, and a two-process (gloo) run."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import engine
+import runner
 from util import checkpoint as ckpt
 from util.logger import MetricLogger
 from datasets import build_dataset
@@ -56,9 +57,9 @@ def sparse_runs(coco_root, tmp_path_factory) -> dict[str, Path]:
     then a second run resumes its checkpoint for epoch 2."""
     full, resumed = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("resumed")
     common = [*SPARSE_DETR, "--lr_drop", "1"]
-    engine.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(full)))
-    engine.run(tiny_args(coco_root, *common, "--epochs", "1", "--output_dir", str(resumed)))
-    engine.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(resumed),
+    runner.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(full)))
+    runner.run(tiny_args(coco_root, *common, "--epochs", "1", "--output_dir", str(resumed)))
+    runner.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(resumed),
                          "--resume", str(resumed / "checkpoint.pth")))
     return {"full": full, "resumed": resumed}
 
@@ -70,7 +71,7 @@ def sparse_runs(coco_root, tmp_path_factory) -> dict[str, Path]:
 def test_one_epoch_writes_checkpoint_and_log_then_resume_auto_continues(coco_root, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
-    record = engine.run(tiny_args(coco_root, "--epochs", "1", "--output_dir", str(out), "--resume", "auto"))
+    record = runner.run(tiny_args(coco_root, "--epochs", "1", "--output_dir", str(out), "--resume", "auto"))
     assert "no checkpoint" in caplog.text and "starting a fresh run" in caplog.text
     assert (out / "checkpoint.pth").is_file()
     assert not (out / "checkpoint0000.pth").exists()  # only every 5 epochs and before lr drops (40 here)
@@ -89,7 +90,7 @@ def test_one_epoch_writes_checkpoint_and_log_then_resume_auto_continues(coco_roo
     assert checkpoint["epoch"] == 0 and len(checkpoint["rng_state"]) == 1
 
     caplog.clear()
-    engine.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
     assert "resuming from" in caplog.text
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
@@ -113,7 +114,7 @@ def test_resume_reproduces_the_uninterrupted_run(sparse_runs):
 
 def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(coco_root, sparse_runs):
     out = sparse_runs["full"]
-    stats = engine.run(tiny_args(coco_root, *SPARSE_DETR, "--eval", "--resume", str(out / "checkpoint0000.pth")))
+    stats = runner.run(tiny_args(coco_root, *SPARSE_DETR, "--eval", "--resume", str(out / "checkpoint0000.pth")))
     logged = read_log(out)[0]
     assert stats["test_coco_eval_bbox"] == logged["test_coco_eval_bbox"]
     assert stats["test_loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
@@ -128,14 +129,14 @@ def test_checkpoint_of_another_variant_fails_with_the_cause(coco_root, sparse_ru
     model, _, _ = build_model(tiny_args(coco_root))  # plain Deformable DETR
     checkpoint = ckpt.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
     with pytest.raises(ckpt.CheckpointMismatchError) as info:
-        ckpt.load_model_strict(model, checkpoint, "sparse.pth", tiny_args(coco_root))
+        runner.load_weights_strict(model, checkpoint, "sparse.pth", tiny_args(coco_root))
     message = str(info.value)
     assert "missing from the checkpoint" in message and "unexpected in the checkpoint" in message
     assert "query_embed.weight" in message and "transformer.enc_mask_predictor" in message
     assert "--two_stage is True in the checkpoint but False now" in message
     # An official-style checkpoint holds only the weights: the cause is read from the key names.
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"--two_stage differs.*--rho differs"):
-        ckpt.load_model_strict(model, {"model": checkpoint["model"]}, "official.pth", tiny_args(coco_root))
+        runner.load_weights_strict(model, {"model": checkpoint["model"]}, "official.pth", tiny_args(coco_root))
 
 
 def test_finetune_skips_tensors_of_another_shape(coco_root, sparse_runs, caplog):
@@ -179,11 +180,19 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 def test_checkpoint_paths_follow_the_reference():
     out = Path("out")
-    names = {epoch: [p.name for p in ckpt.checkpoint_paths(out, epoch, lr_drop=40)] for epoch in range(50)}
+    names = {epoch: [p.name for p in ckpt.checkpoint_paths(out, epoch, lr_drop=40, keep_every=5)] for epoch in range(50)}
     assert names[0] == ["checkpoint.pth"]
     assert names[4] == ["checkpoint.pth", "checkpoint0004.pth"]
     assert names[39] == ["checkpoint.pth", "checkpoint0039.pth"]
     assert sum(len(n) == 2 for n in names.values()) == 10
+
+
+def test_detr_keeps_a_numbered_checkpoint_every_100_epochs_and_before_the_drop():
+    args = parse_args(["--model", "detr", "--device", "cpu", "--epochs", "500", "--lr_drop", "400"])
+    assert args.checkpoint_every == 100 and parse_args(["--device", "cpu"]).checkpoint_every == 5
+    kept = [epoch for epoch in range(args.epochs)
+            if len(ckpt.checkpoint_paths(Path("out"), epoch, args.lr_drop, args.checkpoint_every)) == 2]
+    assert kept == [99, 199, 299, 399, 499]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +210,7 @@ def test_clipping_bounds_every_gradient_the_optimizer_applies(coco_root, tmp_pat
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    record = engine.run(tiny_args(coco_root, "--epochs", "1", "--clip_max_norm", "0.001"))
+    record = runner.run(tiny_args(coco_root, "--epochs", "1", "--clip_max_norm", "0.001"))
     assert len(norms) == 4 and max(norms) <= 0.001 * (1 + 1e-5)
     assert record["train_grad_norm"] > 0.01
 
@@ -211,7 +220,7 @@ def test_training_order_and_augmentation_follow_the_seed(coco_root):
     dataset = list(range(40))
 
     def batches(seed: int, epoch: int) -> list:
-        loader = engine.build_data_loader(dataset, tiny_args(coco_root, "--seed", str(seed)), engine.DistContext(),
+        loader = runner.build_data_loader(dataset, tiny_args(coco_root, "--seed", str(seed)), runner.DistContext(),
                                           train=True, device=torch.device("cpu"))
         assert loader.dataset.seed == seed  # each sample's augmentation is seeded from it too
         loader.batch_sampler.set_epoch(epoch)
@@ -225,9 +234,9 @@ def test_training_order_and_augmentation_follow_the_seed(coco_root):
 def test_a_non_finite_loss_skips_its_step_with_a_warning_naming_the_loss(coco_root, monkeypatch, caplog):
     args = tiny_args(coco_root)
     model, criterion, _ = build_model(args)
-    loader = engine.build_data_loader(build_dataset("train", args), args, engine.DistContext(), train=True,
+    loader = runner.build_data_loader(build_dataset("train", args), args, runner.DistContext(), train=True,
                                       device=torch.device("cpu"))
-    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    optimizer = runner.build_optimizer(model, args, args.lr, args.lr_backbone)
     real_forward, calls = criterion.forward, []
 
     def second_call_is_nan(outputs, targets):
@@ -254,7 +263,7 @@ def test_a_non_finite_loss_skips_its_step_with_a_warning_naming_the_loss(coco_ro
 def test_optimizer_param_groups(coco_root, variant):
     args = tiny_args(coco_root, *variant, "--lr", "1e-3", "--lr_backbone", "1e-4", "--lr_linear_proj_mult", "0.1")
     model, _, _ = build_model(args)
-    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    optimizer = runner.build_optimizer(model, args, args.lr, args.lr_backbone)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4, 1e-4])
     assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups)  # no tensor in two groups
@@ -273,26 +282,44 @@ def test_optimizer_param_groups(coco_root, variant):
     assert names["backbone"] > 0 and names["linear"] > 0
 
 
+@pytest.mark.parametrize("model_name", ["detr", "sdetr"])
+def test_detrs_learned_position_embedding_trains_at_the_backbone_rate(coco_root, model_name):
+    """As DETR's main.py ("backbone" in the name): backbone.1 (the position embedding) joins the backbone group."""
+    args = tiny_args(coco_root, "--model", model_name, "--position_embedding", "learned", "--lr_backbone", "1e-5",
+                     "--dim_feedforward", "32", "--num_queries", "5", "--num_feature_levels", "1")
+    model, _, _ = build_model(args)
+    optimizer = runner.build_optimizer(model, args, args.lr, args.lr_backbone)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    embedding = [p for n, p in model.named_parameters() if n.startswith("backbone.1.")]
+    assert embedding and all(lr_of[id(p)] == 1e-5 for p in embedding)
+    deformable = tiny_args(coco_root, "--position_embedding", "learned")
+    model, _, _ = build_model(deformable)
+    optimizer = runner.build_optimizer(model, deformable, 2e-4, 2e-5)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(lr_of[id(p)] == 2e-4 for n, p in model.named_parameters() if n.startswith("backbone.1."))
+
+
 def test_sqrt_lr_scaling(coco_root, caplog):
     caplog.set_level(logging.INFO)
     args = tiny_args(coco_root, "--lr_scaling", "sqrt", "--lr", "2e-4", "--lr_backbone", "2e-5", "--batch_size", "4")
-    lr, lr_backbone = engine.scaled_learning_rates(args, world_size=2)
+    lr, lr_backbone = runner.scaled_learning_rates(args.lr, args.lr_backbone, scaling=args.lr_scaling,
+                                                   batch_size=args.batch_size, world_size=2)
     assert (lr, lr_backbone) == pytest.approx((2e-4 * math.sqrt(8 / 16), 2e-5 * math.sqrt(8 / 16)))
     assert "lr 0.0002 -> 0.0001414" in caplog.text
-    assert engine.scaled_learning_rates(tiny_args(coco_root), world_size=8) == (2e-4, 0.0)  # --lr_scaling none
+    assert runner.scaled_learning_rates(2e-4, 0.0, scaling="none", batch_size=2, world_size=8) == (2e-4, 0.0)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_step(coco_root, amp):
     args = tiny_args(coco_root, "--amp", amp)
     model, criterion, _ = build_model(args)
-    loader = engine.build_data_loader(build_dataset("train", args), args, engine.DistContext(), train=True,
+    loader = runner.build_data_loader(build_dataset("train", args), args, runner.DistContext(), train=True,
                                       device=torch.device("cpu"))
-    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    optimizer = runner.build_optimizer(model, args, args.lr, args.lr_backbone)
     scaler = torch.amp.GradScaler("cpu", enabled=amp == "fp16")
     one_batch = [next(iter(loader))]
     stats = engine.train_one_epoch(model, criterion, one_batch, optimizer, torch.device("cpu"), 0, 0.1, scaler,
-                                   engine.AMP_DTYPES[amp]).stats
+                                   runner.AMP_DTYPES[amp]).stats
     assert math.isfinite(stats["loss"])
     if amp == "fp16":  # the first steps may overflow at the initial scale: skipped and counted, never NaN in logs
         assert stats["skipped_steps"] in (0, 1)
@@ -363,7 +390,7 @@ def test_one_training_epoch_of_detr_and_sdetr(coco_root, tmp_path, model_name):
         flags += ["--sdetr_stage1_enc_layers", "1", "--sdetr_stage1_dec_layers", "1", "--sdetr_stage1_enc_heads", "2",
                   "--sdetr_stage1_dec_heads", "2", "--sdetr_stage2_enc_layers", "1", "--sdetr_stage2_dec_layers", "1",
                   "--sdetr_stage2_dec_heads", "2"]
-    engine.run(parse_args(flags))
+    runner.run(parse_args(flags))
     record = read_log(tmp_path)[0]
     assert math.isfinite(record["train_loss"]) and len(record["test_coco_eval_bbox"]) == 12
     assert (tmp_path / "checkpoint.pth").is_file()

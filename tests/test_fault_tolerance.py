@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import engine
+import runner
 import main
 from main import parse_args
 from datasets.resumable import EpochBatchSampler, SeededSamples
@@ -91,12 +92,12 @@ def signal_during_step(monkeypatch, call: int, signum: int = signal.SIGTERM) -> 
 def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(coco_root, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     reference, out = tmp_path / "reference", tmp_path / "stopped"
-    engine.run(tiny_args(coco_root, "--epochs", "2", "--num_workers", "1", "--output_dir", str(reference)))
+    runner.run(tiny_args(coco_root, "--epochs", "2", "--num_workers", "1", "--output_dir", str(reference)))
 
     handler_before = signal.getsignal(signal.SIGTERM)
     signal_during_step(monkeypatch, call=3)
     with pytest.raises(process.TrainingStopped) as info:
-        engine.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+        runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
     assert info.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is handler_before  # restored
     assert "received SIGTERM: stopping after the current or next training step" in caplog.text
@@ -107,7 +108,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(coco_root, tm
 
     monkeypatch.undo()
     caplog.clear()
-    engine.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
     assert "training continues at epoch 0, iteration 3" in caplog.text
     assert_same_runs(out, reference)  # the reference loaded its data with a worker, these runs with none
 
@@ -152,7 +153,7 @@ def _stop_worker(rank: int, port: int, coco_root: str, out: str) -> None:
 
         engine.train_step = step
     try:
-        engine.run(parse_args([*TINY, "--num_workers", "0", "--batch_size", "1", "--coco_path", coco_root,
+        runner.run(parse_args([*TINY, "--num_workers", "0", "--batch_size", "1", "--coco_path", coco_root,
                                "--epochs", "1", "--output_dir", out]))
     except process.TrainingStopped as stop:
         Path(out, f"rank{rank}.exit").write_text(str(stop.exit_code))
@@ -209,7 +210,9 @@ def test_a_mid_epoch_checkpoint_resumed_with_another_global_batch_continues_afte
              "args": parse_args(["--device", "cpu", "--batch_size", "2"]), "rng_state": [None, None],
              "progress": {"step": 6, "totals": {"loss": (12.0, 6)}, "nonfinite": 1}}
     args = parse_args(["--device", "cpu", "--batch_size", "3"])
-    state = ckpt.restore_training_state(saved, optimizer, scheduler, scaler, args, process.DistContext(), "c.pth")
+    state = ckpt.restore_training_state(saved, optimizer, scheduler, scaler, start_epoch=args.start_epoch,
+                                        lr_drop=args.lr_drop, batch_size=args.batch_size, ctx=process.DistContext(),
+                                        source="c.pth")
     assert (state.start_epoch, state.progress.step, state.progress.totals) == (3, 8, {"loss": (12.0, 6)})
     assert ("stopped epoch 3 after 6 global batches of 4 images; with 3 images per global batch now, it continues "
             "at batch 8") in caplog.text
@@ -305,10 +308,10 @@ def test_a_truncated_checkpoint_names_the_file_and_another_checkpoint(coco_root,
 
 def test_a_step_with_a_non_finite_gradient_norm_is_skipped(coco_root, caplog):
     args = tiny_args(coco_root)
-    model, criterion, _ = engine.build_model(args)
-    loader = engine.build_data_loader(engine.build_dataset("train", args), args, engine.DistContext(), train=True,
+    model, criterion, _ = runner.build_model(args)
+    loader = runner.build_data_loader(runner.build_dataset("train", args), args, runner.DistContext(), train=True,
                                       device=torch.device("cpu"))
-    optimizer = engine.build_optimizer(model, args, args.lr, args.lr_backbone)
+    optimizer = runner.build_optimizer(model, args, args.lr, args.lr_backbone)
     param = next(p for p in model.parameters() if p.requires_grad)
     hook = param.register_hook(lambda grad: grad * float("nan"))
     before = param.detach().clone()
@@ -319,8 +322,8 @@ def test_a_step_with_a_non_finite_gradient_norm_is_skipped(coco_root, caplog):
 
 
 def nan_from_call(monkeypatch, first_bad: int) -> None:
-    """The criterion of the models engine.run builds returns a NaN loss_bbox from its ``first_bad``-th call."""
-    real_build, calls = engine.build_model, []
+    """The criterion of the models runner.run builds returns a NaN loss_bbox from its ``first_bad``-th call."""
+    real_build, calls = runner.build_model, []
 
     def build_model(*args, **kwargs):
         model, criterion, postprocessors = real_build(*args, **kwargs)
@@ -336,7 +339,7 @@ def nan_from_call(monkeypatch, first_bad: int) -> None:
         criterion.forward = forward
         return model, criterion, postprocessors
 
-    monkeypatch.setattr(engine, "build_model", build_model)
+    monkeypatch.setattr(runner, "build_model", build_model)
 
 
 def test_max_nonfinite_steps_in_a_row_stop_with_a_checkpoint_and_what_to_try(coco_root, tmp_path, monkeypatch):
@@ -347,15 +350,15 @@ def test_max_nonfinite_steps_in_a_row_stop_with_a_checkpoint_and_what_to_try(coc
         "error: training stopped: 2 steps in a row had non-finite values and were skipped, up to epoch 0, iteration "
         "2 (the last: non-finite loss nan (loss_bbox=nan)); "
         f"{tmp_path / 'checkpoint.pth'} holds the weights and optimiser state of the last good step (--resume auto "
-        "continues after the skipped batches). Try a lower --lr (a fresh run, or --finetune from the checkpoint: "
-        "--resume keeps the checkpoint's learning rates); a lower --clip_max_norm (now 0.1); --amp off (now bf16); "
+        "continues after the skipped batches). Try a lower --lr (--resume auto with it continues the run at the new "
+        "rate); a lower --clip_max_norm (now 0.1); --amp off (now bf16); "
         f"checking the data with: python tools/check_dataset.py --coco_path {coco_root}.")
     saved = load(tmp_path / "checkpoint.pth")
     assert saved["progress"]["step"] == 3 and saved["progress"]["nonfinite"] == 2
     assert all(int(state["step"]) == 1 for state in saved["optimizer"]["state"].values())  # 1 good step
 
     monkeypatch.undo()  # the data is fine again: the run resumes and finishes
-    record = engine.run(tiny_args(coco_root, "--epochs", "1", "--amp", "bf16", "--output_dir", str(tmp_path),
+    record = runner.run(tiny_args(coco_root, "--epochs", "1", "--amp", "bf16", "--output_dir", str(tmp_path),
                                   "--resume", "auto"))
     assert record["epoch"] == 0 and record["train_nonfinite_steps"] == 2
 
@@ -367,9 +370,9 @@ def test_max_nonfinite_steps_in_a_row_stop_with_a_checkpoint_and_what_to_try(coc
 def test_two_deterministic_cpu_runs_give_identical_weights(coco_root, tmp_path):
     """Also with other --num_workers: order and augmentations do not depend on the workers."""
     a, b = tmp_path / "a", tmp_path / "b"
-    engine.run(tiny_args(coco_root, *SPARSE_DETR, "--deterministic", "--epochs", "1", "--output_dir", str(a)))
+    runner.run(tiny_args(coco_root, *SPARSE_DETR, "--deterministic", "--epochs", "1", "--output_dir", str(a)))
     assert not torch.are_deterministic_algorithms_enabled()  # restored when the run ends
-    engine.run(tiny_args(coco_root, *SPARSE_DETR, "--deterministic", "--epochs", "1", "--num_workers", "2",
+    runner.run(tiny_args(coco_root, *SPARSE_DETR, "--deterministic", "--epochs", "1", "--num_workers", "2",
                          "--output_dir", str(b)))
     assert_same_runs(b, a)
 
@@ -470,3 +473,41 @@ def test_a_training_process_killed_at_random_points_ends_as_an_uninterrupted_run
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == list(range(epochs))
     assert_same_tensors(load(out / "checkpoint0004.pth")["model"], load(reference / "checkpoint0004.pth")["model"])
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_stop_signal_during_evaluation_stops_the_evaluation(coco_root, tmp_path, monkeypatch, caplog):
+    """SIGTERM in the first evaluation batch: the evaluation stops there (no training step follows), the epoch's
+    checkpoint stays, and --resume auto redoes the evaluation and writes the record."""
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(reference)))
+    real_update, steps = engine.CocoEvaluator.update, []
+
+    def update_then_signal(self, predictions):
+        real_update(self, predictions)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    real_step = engine.train_step
+    monkeypatch.setattr(engine, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(engine.CocoEvaluator, "update", update_then_signal)
+    with pytest.raises(process.TrainingStopped) as info:
+        runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out)))
+    assert info.value.exit_code == 143 and len(steps) == 4  # epoch 0's four steps, none of epoch 1
+    assert "stopped by SIGTERM during the evaluation after epoch 0" in caplog.text
+    assert load(out / "checkpoint.pth")["epoch"] == 0 and not (out / "log.txt").exists()
+    monkeypatch.undo()
+    runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    assert_same_runs(out, reference)
+
+
+def test_resume_auto_reads_past_a_damaged_log_and_says_when_the_run_is_finished(coco_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    runner.run(tiny_args(coco_root, "--epochs", "1", "--output_dir", str(out)))
+    with (out / "log.txt").open("ab") as f:
+        f.write(b"\x00\xff\xfe garbage\nnull\n")
+    caplog.set_level(logging.INFO)
+    runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    assert "log.txt: skipped 2 lines that are not JSON records (lines 2, 3)" in caplog.text
+    assert [r["epoch"] for r in runner.read_log_records(out / "log.txt")] == [0, 1]
+    caplog.clear()
+    main.main(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))  # exit status 0
+    assert f"{out / 'checkpoint.pth'} is a finished run (2 epochs of 2): nothing to train" in caplog.text

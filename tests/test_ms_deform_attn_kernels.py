@@ -5,13 +5,14 @@
 * CUDA kernels, checked three ways:
   - on a GPU (skipped without one): forward / backward against the PyTorch path in float32,
     float16, bfloat16, float64 gradcheck, boundaries;
-  - without a GPU: the same kernel source compiled as C++ with a CUDA emulation
-    (csrc/emulation: each block runs as host threads, warp shuffles and atomics emulated) and
-    compared with the PyTorch path, which checks its indexing, lane layouts and reductions;
+  - without a GPU: the real host code and kernels (ms_deform_attn_cuda.cpp and _kernels.cu) compiled
+    as C++ against the CUDA stand-ins of tests/cuda_emulation (each block runs as host threads, warp
+    shuffles and atomics emulated) and compared with the PyTorch path, which checks the host code's
+    checks and launch sizes and the kernels' indexing, lane layouts and reductions;
   - compile-only with the machine's nvcc for sm_80 and sm_90 (skipped without nvcc), so a build
     break shows up in CI without a GPU.
 * The torch.library operator: opcheck (schema, fake tensor, autograd registration), torch.compile
-  (aot_eager, fullgraph), autocast; the dispatch switch (MSDA_IMPL, fallback warning) and that
+  (aot_eager, fullgraph), autocast; the dispatch switch (MSDA_IMPL, fallback warnings) and that
   importing models.ops builds nothing.
 
 Tolerances (max |actual - expected| <= tol * max |expected| per tensor, expected from the PyTorch path
@@ -36,10 +37,12 @@ import pytest
 import torch
 
 from models.ops import MSDeformAttn, _extension, implementation, kernel_status, ms_deform_attn, ms_deform_attn_pytorch
-from models.ops import ms_deform_attn_func
+from models.ops import _library, ms_deform_attn_func, selfcheck
 from test_ms_deform_attn import naive_ms_deform_attn, random_inputs
 
 REPO = Path(__file__).resolve().parents[1]
+EMULATION = REPO / "tests" / "cuda_emulation"
+EMULATION_LIBRARY = "sparse_detr_cuda_emulation"
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -277,26 +280,102 @@ def test_dispatch_and_msda_impl(cpu_kernel, monkeypatch):
         implementation("meta")
 
 
-def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(_extension, "_status", {})
-    monkeypatch.setattr(_extension, "_warned", set())
+# ----------------------------------------------------------------------------------------------
+# Self-check at first use
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpu_kernel_passes_its_self_check(cpu_kernel, dtype, monkeypatch):
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    difference, _ = selfcheck.largest_difference(torch.device("cpu"), dtype)
+    assert difference <= selfcheck.TOLERANCE[dtype]
+    assert selfcheck.kernel_agrees("cpu", dtype) and implementation("cpu", dtype) == "kernel"
+
+
+@pytest.mark.parametrize("fault", ["swapped_xy", "off_by_a_little", "wrong_gradient"])
+def test_a_faulty_kernel_is_caught_and_the_process_falls_back(cpu_kernel, monkeypatch, caplog, fault):
+    """A kernel fault injected through ``selfcheck.run_kernel``: one error naming device, dtype and difference,
+    then the PyTorch path for that (device, dtype) only."""
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
     monkeypatch.delenv("MSDA_IMPL", raising=False)
+    kernel = selfcheck.run_kernel
 
-    def broken(device_type, verbose):
-        raise _extension.MissingPrerequisite("ninja (pip install ninja)")
+    class ScaledGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
 
-    monkeypatch.setattr(_extension, "_build", broken)
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.01
+
+    def faulty(value, shapes, starts, locations, weights):
+        if fault == "swapped_xy":
+            return kernel(value, shapes, starts, locations.flip(-1), weights)
+        if fault == "off_by_a_little":
+            return kernel(value, shapes, starts, locations, weights) + 1e-3
+        return kernel(ScaledGradient.apply(value), shapes, starts, locations, weights)
+
+    monkeypatch.setattr(selfcheck, "run_kernel", faulty)
+    assert implementation("cpu", torch.float32) == "pytorch"
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("ms_deform_attn self-check: the compiled kernel on cpu for float32 tensors differs from "
+                            "the PyTorch reference by ")
+    assert "this process uses the PyTorch path for them instead (slower, correct)" in error
+    assert implementation("cpu", torch.float32) == "pytorch"  # decided once: no second check, no second error
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    monkeypatch.setenv("MSDA_IMPL", "kernel")
+    with pytest.raises(RuntimeError, match="failed its self-check"):
+        implementation("cpu", torch.float32)
+    monkeypatch.setenv(selfcheck.ENV_SELFCHECK, "0")
+    assert implementation("cpu", torch.float64) == "kernel"  # the check off: the kernel is trusted
+
+
+def builds_fail_for_lack_of(monkeypatch, prerequisite: str) -> None:
+    """A process that has loaded and warned about nothing yet, where every kernel build lacks ``prerequisite``."""
+    monkeypatch.setattr(_extension, "_status", {})
+    monkeypatch.setattr(_extension, "_warned_values", set())
+    monkeypatch.setattr(_extension, "_warned_devices", set())
+
+    def missing(device_type, verbose):
+        raise _extension.MissingPrerequisite(prerequisite)
+
+    monkeypatch.setattr(_extension, "_build", missing)
+
+
+def warning_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    builds_fail_for_lack_of(monkeypatch, "ninja (pip install ninja)")
+    monkeypatch.delenv("MSDA_IMPL", raising=False)
     with caplog.at_level(logging.WARNING, logger="models.ops._extension"):
         assert implementation("cpu") == "pytorch"
         assert implementation("cpu") == "pytorch"
         value, shapes, starts, locations, weights = kernel_inputs(dtype=torch.float64)
         torch.testing.assert_close(ms_deform_attn(value, shapes, starts, locations, weights),
                                    ms_deform_attn_pytorch(value, shapes, locations, weights))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = warning_messages(caplog)
     assert len(warnings) == 1
-    assert "python -m models.ops.build" in warnings[0].getMessage()
-    assert "missing: ninja" in warnings[0].getMessage()
+    assert "python -m models.ops.build" in warnings[0]
+    assert "missing: ninja" in warnings[0]
     assert kernel_status("cpu").state == "missing"
+
+
+def test_unknown_msda_impl_value_does_not_silence_the_cuda_fallback_warning(monkeypatch, caplog):
+    """MSDA_IMPL=cuda is no choice (warned about once, taken as auto); the CUDA kernel then being unavailable
+    is a warning of its own, not one already given because the value and the device type are both "cuda"."""
+    builds_fail_for_lack_of(monkeypatch, "a visible CUDA device or TORCH_CUDA_ARCH_LIST naming the GPU targets")
+    monkeypatch.setenv("MSDA_IMPL", "cuda")
+    with caplog.at_level(logging.WARNING, logger="models.ops._extension"):
+        assert implementation("cuda") == "pytorch"
+        assert implementation("cuda") == "pytorch"
+    warnings = warning_messages(caplog)
+    assert len(warnings) == 2, warnings
+    assert warnings[0] == "MSDA_IMPL='cuda' is not one of auto, pytorch, kernel; using auto"
+    assert "unavailable for cuda tensors (missing: a visible CUDA device" in warnings[1]
+    assert kernel_status("cuda").state == "missing"
 
 
 def test_import_builds_nothing_and_prebuild_command(cpu_kernel):
@@ -375,22 +454,29 @@ def test_cuda_module_autocast_and_dispatch(cuda_kernel):
 
 @pytest.fixture(scope="module")
 def cuda_emulation():
-    """The CUDA kernel source built as C++ against csrc/emulation/cuda_host_emulation.h."""
+    """The real CUDA host code and kernels built as C++ for CPU tensors: ms_deform_attn_cuda.cpp as it is
+    (tests/cuda_emulation/include first on the include path stands in for the CUDA runtime and c10/cuda) and
+    the kernels file through cuda_emulation's wrapper, registered as sparse_detr_cuda_emulation::ms_deform_attn
+    and ::ms_deform_attn_backward with the schemas of the sparse_detr operators."""
     missing = _extension.missing_prerequisites("cpu")
     if missing:
         pytest.skip("cannot build C++ here: " + "; ".join(missing))
     with _extension._quiet_cpp_extension_import():
         from torch.utils import cpp_extension
-    source = _extension.CSRC / "emulation" / "ms_deform_attn_cuda_emulated.cpp"
-    files = [source, _extension.CSRC / "emulation" / "cuda_host_emulation.h",
-             _extension.CSRC / "ms_deform_attn_cuda_kernels.cu", _extension.CSRC / "ms_deform_attn_cuda.h",
-             _extension.CSRC / "ms_deform_attn_common.h", _extension.CSRC / "ms_deform_attn_host.h"]
+    sources = [_extension.CSRC / "ms_deform_attn_cuda.cpp", EMULATION / "ms_deform_attn_cuda_kernels_emulated.cpp"]
+    files = [*sources, _extension.CSRC / "ms_deform_attn_cuda_kernels.cu",
+             *(_extension.CSRC / name for name in _extension._HEADERS), *sorted(EMULATION.rglob("*.h"))]
     digest = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:10]
+    library = torch.library.Library(EMULATION_LIBRARY, "DEF")
+    library.define(_library._FORWARD_SCHEMA)
+    library.define(_library._BACKWARD_SCHEMA)
     with _extension._path_with(_extension._ninja_dir()):
-        cpp_extension.load(name=f"sparse_detr_msda_cuda_emulation_{digest}", sources=[str(source)],
-                           extra_include_paths=[str(_extension.CSRC)], extra_cflags=["-O1"],
+        cpp_extension.load(name=f"sparse_detr_msda_cuda_emulation_{digest}", sources=[str(f) for f in sources],
+                           extra_include_paths=[str(EMULATION / "include"), str(_extension.CSRC)],
+                           extra_cflags=["-O1", f"-DMSDA_CUDA_LIBRARY={EMULATION_LIBRARY}", "-DMSDA_CUDA_DEVICE=CPU"],
                            is_python_module=False, with_cuda=False)
-    return torch.ops.sparse_detr_cuda_emulation
+    yield getattr(torch.ops, EMULATION_LIBRARY)
+    del library  # the definitions live as long as the Library object
 
 
 @pytest.mark.parametrize("dim,dtype", [(3, torch.float64), (8, torch.float64), (32, torch.float64),
@@ -405,12 +491,12 @@ def test_cuda_kernel_logic_in_host_emulation(cuda_emulation, dim, dtype):
         @staticmethod
         def forward(ctx, value, shapes, starts, locations, weights):
             ctx.save_for_backward(value, shapes, starts, locations, weights)
-            return ops.forward(value, shapes, starts, locations, weights)
+            return ops.ms_deform_attn(value, shapes, starts, locations, weights)
 
         @staticmethod
         def backward(ctx, grad):
             value, shapes, starts, locations, weights = ctx.saved_tensors
-            gv, gl, gw = ops.backward(grad.contiguous(), value, shapes, starts, locations, weights)
+            gv, gl, gw = ops.ms_deform_attn_backward(grad.contiguous(), value, shapes, starts, locations, weights)
             return gv, None, None, gl, gw
 
     args = kernel_inputs(batch=2, heads=3, dim=dim, queries=5, points=2, shapes=((5, 7), (2, 3), (1, 1)),

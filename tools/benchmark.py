@@ -46,7 +46,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import AMP_DTYPES, build_optimizer, train_step  # noqa: E402
+from engine import train_step  # noqa: E402
+from runner import AMP_DTYPES, build_optimizer  # noqa: E402
 from main import parse_args  # noqa: E402
 from models import build_model  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402

@@ -5,7 +5,7 @@
 
 Per split it prints the numbers of images, annotations and images without annotations, the boxes per
 category, then each kind of problem with its count and first examples: the checks of training
-(datasets/coco.py: missing files, bad boxes, undeclared categories, ...) plus every image decoded with
+(datasets/coco_checks.py: missing files, bad boxes, undeclared categories, ...) plus every image decoded with
 PIL (unreadable files, sizes that differ from the JSON's "width"/"height") and, with --num_classes,
 category ids the classifier cannot predict.
 
@@ -22,8 +22,10 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.coco import (  # noqa: E402
-    UNREADABLE_IMAGE_ERRORS, Finding, check_split_paths, clean_annotations, make_findings, num_classes_for,
-    num_classes_problem, open_rgb_image, read_annotation_file, size_mismatch, split_paths,
+    UNREADABLE_IMAGE_ERRORS, check_split_paths, open_rgb_image, size_mismatch, split_paths,
+)
+from datasets.coco_checks import (  # noqa: E402
+    Finding, clean_annotations, make_findings, num_classes_for, num_classes_problem, read_annotation_file,
 )
 from util.errors import InputError  # noqa: E402
 

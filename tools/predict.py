@@ -33,9 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.transforms import make_coco_transforms  # noqa: E402
-from main import get_args_parser, parse_args, validate_args  # noqa: E402
-from models import build_model  # noqa: E402
-from util.checkpoint import strip_ddp_prefix  # noqa: E402
+from main import backbone_name, get_args_parser, parse_args, validate_args  # noqa: E402
+from models import build_model, checkpoint_mismatch_causes  # noqa: E402
+from util.checkpoint import CheckpointMismatchError, load_checkpoint, load_model_strict  # noqa: E402
+from util.errors import InputError  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.process import keep_freed_memory  # noqa: E402
 
@@ -71,30 +72,29 @@ def model_args(stored: Any, model_flags: Sequence[str], device: str) -> argparse
     parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False)
     values = vars(parser.parse_args([]))
     values.update({k: v for k, v in saved.items() if k in values})
-    if values["backbone"] == "swin-t":  # the reference's name
-        values["backbone"] = "swin_tiny"
+    values["backbone"] = backbone_name(values["backbone"])  # official Swin-T checkpoints store "swin-t"
     values.update(device=device, backbone_from_scratch=True, backbone_weights="", scrl_pretrained_path="",
                   resume="", finetune="", eval=False, output_dir="")
     return validate_args(argparse.Namespace(**values))
 
 
-def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str):
-    """``(model in eval mode on device, bbox postprocessor, args)`` for a checkpoint."""
+def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str, *, trust: bool = False):
+    """``(model in eval mode on device, bbox postprocessor, args)`` for a checkpoint (``trust``: see
+    ``--trust_checkpoint``)."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise SystemExit(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(checkpoint, Mapping) and "model" not in checkpoint:
-        checkpoint = {"model": checkpoint}  # a bare state dict
-    args = model_args(checkpoint.get("args"), model_flags, device)
-    model, _, postprocessors = build_model(args, load_backbone_weights=False)
-    state_dict = strip_ddp_prefix(checkpoint["model"])
     try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
+        checkpoint = load_checkpoint(path, trust=trust)
+        args = model_args(checkpoint.get("args"), model_flags, device)
+        model, _, postprocessors = build_model(args, load_backbone_weights=False)
         source = "the flags after --" if model_flags or "args" not in checkpoint else "the args stored in it"
-        raise SystemExit(f"the weights of {path} do not fit the model built from {source}: {err}\n"
-                         f"Give the checkpoint's model flags after --, e.g. -- --with_box_refine --two_stage") from err
+        load_model_strict(model, checkpoint, path, built_as=source,
+                          explain=lambda keys, saved: checkpoint_mismatch_causes(keys, saved,
+                                                                                 current_flags=vars(args)))
+    except CheckpointMismatchError as err:
+        raise SystemExit(f"{err}\nHere: give the checkpoint's model flags after --, e.g. -- --with_box_refine "
+                         "--two_stage") from None
+    except (FileNotFoundError, InputError) as err:
+        raise SystemExit(str(err)) from None
     return model.to(device).eval(), postprocessors["bbox"], args
 
 
@@ -182,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                         help="cpu or cuda")
     parser.add_argument("--categories", default="", metavar="JSON",
                         help="COCO-format annotation file whose categories name the classes")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="unpickle the checkpoint without restriction (legacy files holding other objects than "
+                             "weights and settings): it can carry code that then runs; only for trusted files")
     parser.add_argument("--size", type=int, default=800, help="shorter side the images are resized to")
     parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
     args = parser.parse_args(argv)
@@ -198,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             raise SystemExit(f"--categories {args.categories}: no such file")
         annotations = json.loads(Path(args.categories).read_text())
     images = find_images(args.inputs)
-    model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device)
+    model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint)
     names = category_names(model_args_.num_classes, annotations)
     image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
     transform = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from util.misc import comm_device, get_world_size
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 
 class SmoothedValue:

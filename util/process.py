@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from util.misc import any_process
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -19,15 +19,16 @@ one folder. GPU targets follow TORCH_CUDA_ARCH_LIST (default: the visible GPUs).
 ``python -m models.ops.build`` builds ahead of time. The toolkit is found through CUDA_HOME, the
 ``nvcc`` on PATH (symlinks and small wrapper scripts are followed) or /usr/local/cuda.
 
-If anything is missing or the build fails, the pure-PyTorch path is used and ONE warning per
-device type is logged, saying what was missing and how to build. Environment:
+If anything is missing or the build fails, :func:`load` says so in its :class:`KernelStatus` and
+logs ONE warning per device type, saying what was missing and how to build. :func:`requested_implementation`
+reads the environment:
 
 * ``MSDA_IMPL=pytorch``  always use the pure-PyTorch path (never builds anything);
 * ``MSDA_IMPL=kernel``   require the compiled kernel (raise instead of falling back);
 * ``MSDA_IMPL=auto``     (default) compiled kernel when it can be built, PyTorch otherwise.
 
-:func:`implementation` tells which path ``ms_deform_attn`` takes for a device; :func:`kernel_status`
-reports what happened without building.
+The choice between the paths is made in one place, ``ms_deform_attn_func.choose_implementation``;
+:func:`kernel_status` reports what happened here without building.
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
+
+import torch
+
+from . import _library
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ class MissingPrerequisite(RuntimeError):
     """Something the build needs is absent (compiler, ninja, CUDA toolkit, GPU target...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KernelStatus:
     """What :func:`load` found for one device type.
 
@@ -88,8 +93,9 @@ class KernelStatus:
 
 _lock = threading.RLock()
 _status: dict[str, KernelStatus] = {}
-_warned: set[str] = set()
-_library_error: Optional[str] = None  # set by _library.py when the op could not be registered
+# Warned-once sets, kept apart: an MSDA_IMPL value such as "cuda" must not silence the cuda device's warning.
+_warned_values: set[str] = set()  # unknown MSDA_IMPL values
+_warned_devices: set[str] = set()  # device types whose kernel is unavailable
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,8 +106,8 @@ def requested_implementation() -> str:
     raw = os.environ.get(ENV_IMPL, "auto").strip().lower()
     choice = _IMPL_CHOICES.get(raw)
     if choice is None:
-        if raw not in _warned:
-            _warned.add(raw)
+        if raw not in _warned_values:
+            _warned_values.add(raw)
             logger.warning("%s=%r is not one of auto, pytorch, kernel; using auto", ENV_IMPL, raw)
         return "auto"
     return choice
@@ -179,11 +185,10 @@ def _path_with(folder: Optional[str]) -> Iterator[None]:
 
 def missing_prerequisites(device_type: str) -> list[str]:
     """What the build for ``device_type`` lacks on this machine (empty when it can be tried)."""
-    import torch
-
     missing = []
-    if _library_error is not None:
-        missing.append(f"the torch.library registration of {OP_NAME} failed ({_library_error})")
+    registration_error = _library.registration_error()
+    if registration_error is not None:
+        missing.append(f"the torch.library registration of {OP_NAME} failed ({registration_error})")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         missing.append(f"a C++ compiler ({compiler!r} not found; set CXX)")
@@ -242,8 +247,6 @@ def _quiet_cpp_extension_import() -> Iterator[None]:
 
 
 def _build(device_type: str, verbose: bool) -> str:
-    import torch
-
     missing = missing_prerequisites(device_type)
     if missing:
         raise MissingPrerequisite("; ".join(missing))
@@ -286,9 +289,9 @@ def _summarise(error: BaseException, limit: int = 1500) -> str:
 
 
 def _warn_once(status: KernelStatus) -> None:
-    if status.device_type in _warned:
+    if status.device_type in _warned_devices:
         return
-    _warned.add(status.device_type)
+    _warned_devices.add(status.device_type)
     needs = "a C++20 compiler and ninja" + (" plus the CUDA toolkit (nvcc, CUDA_HOME)" if status.device_type == "cuda"
                                             else "")
     logger.warning(
@@ -306,16 +309,20 @@ def load(device_type: str, *, verbose: bool = False, warn: bool = True) -> Kerne
         if status is not None:
             return status
         if device_type not in _SOURCES:
-            status = KernelStatus(device_type, "unsupported", f"no compiled kernel for {device_type!r} tensors")
+            status = KernelStatus(device_type=device_type, state="unsupported",
+                                  reason=f"no compiled kernel for {device_type!r} tensors")
         else:
             start = time.perf_counter()
             try:
                 library = _build(device_type, verbose)
-                status = KernelStatus(device_type, "loaded", library=library, seconds=time.perf_counter() - start)
+                status = KernelStatus(device_type=device_type, state="loaded", library=library,
+                                      seconds=time.perf_counter() - start)
             except MissingPrerequisite as error:
-                status = KernelStatus(device_type, "missing", str(error), seconds=time.perf_counter() - start)
+                status = KernelStatus(device_type=device_type, state="missing", reason=str(error),
+                                      seconds=time.perf_counter() - start)
             except Exception as error:  # noqa: BLE001 - any failure means: use the PyTorch path
-                status = KernelStatus(device_type, "failed", _summarise(error), seconds=time.perf_counter() - start)
+                status = KernelStatus(device_type=device_type, state="failed", reason=_summarise(error),
+                                      seconds=time.perf_counter() - start)
             if status.loaded:
                 logger.info("Loaded %s kernels of %s from %s (%.1f s)", device_type, OP_NAME, status.library,
                             status.seconds)
@@ -330,40 +337,5 @@ def kernel_status(device_type: Optional[str] = None) -> Union[KernelStatus, dict
     if device_type is None:
         return {dev: kernel_status(dev) for dev in _SOURCES}
     if requested_implementation() == "pytorch":
-        return KernelStatus(device_type, "disabled", f"{ENV_IMPL}=pytorch")
-    return _status.get(device_type, KernelStatus(device_type, "not tried"))
-
-
-def use_kernel(device_type: str) -> bool:
-    """Whether ``ms_deform_attn`` should run the compiled kernel for tensors on ``device_type``
-    (builds on the first call). Raises under MSDA_IMPL=kernel when the kernel is unavailable."""
-    choice = requested_implementation()
-    if choice == "pytorch":
-        return False
-    status = load(device_type, warn=choice == "auto")
-    if status.loaded:
-        return True
-    if choice == "kernel":
-        raise RuntimeError(f"{ENV_IMPL}=kernel but the compiled kernel for {device_type} tensors is unavailable "
-                           f"({status.state}: {status.reason}); build it with `{BUILD_COMMAND}`")
-    return False
-
-
-def implementation(device: Union[str, "torch.device"] = "cpu") -> str:  # noqa: F821
-    """``"kernel"``, ``"pytorch"`` or ``"gather"`` (CUDA under ``torch.use_deterministic_algorithms(True)``):
-    the path ``ms_deform_attn`` takes for tensors on ``device`` (for float16/bfloat16/float32/float64
-    values). Builds the kernel if this is the first ask."""
-    import torch
-
-    device_type = torch.device(device).type
-    if device_type == "cuda" and torch.are_deterministic_algorithms_enabled():
-        return "gather"
-    return "kernel" if use_kernel(device_type) else "pytorch"
-
-
-def _reset_for_tests() -> None:
-    """Forget failed load attempts and warnings (loaded libraries stay loaded)."""
-    with _lock:
-        for device_type in [dev for dev, status in _status.items() if not status.loaded]:
-            del _status[device_type]
-        _warned.clear()
+        return KernelStatus(device_type=device_type, state="disabled", reason=f"{ENV_IMPL}=pytorch")
+    return _status.get(device_type, KernelStatus(device_type=device_type, state="not tried"))

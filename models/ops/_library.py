@@ -11,7 +11,8 @@ Defined here (at import, which compiles nothing):
 
 The CPU and CUDA kernels themselves are registered by the C++ extensions when
 ``_extension.load`` builds/loads them (``TORCH_LIBRARY_IMPL(sparse_detr, CPU/CUDA, m)``); call the
-op through ``ms_deform_attn`` (which loads them first), not directly.
+op through ``ms_deform_attn`` (which loads them first), not directly. If the registration fails (e.g. a
+torch too old for ``register_fake``), :func:`registration_error` says why and no kernel is built.
 
 dtypes and autocast: the op runs in the dtype of ``value`` (float64, float32, float16, bfloat16)
 and returns that dtype. ``sampling_locations`` and ``attention_weights`` may come in any floating
@@ -23,12 +24,13 @@ location on a 152-pixel-wide map is off by up to half a pixel) and weights stay 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from . import _extension
-
 _LIB = None  # keeps the registrations alive
+_ERROR: Optional[str] = None  # why the registration failed, if it did
 
 _FORWARD_SCHEMA = ("ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
                    "Tensor sampling_locations, Tensor attention_weights) -> Tensor")
@@ -84,7 +86,12 @@ def _register() -> None:
     _LIB = lib
 
 
+def registration_error() -> Optional[str]:
+    """Why the operator could not be registered at import (the kernels then cannot be used), or None."""
+    return _ERROR
+
+
 try:
     _register()
 except Exception as error:  # noqa: BLE001 - e.g. a torch too old for register_fake/register_autograd
-    _extension._library_error = f"{type(error).__name__}: {error}"
+    _ERROR = f"{type(error).__name__}: {error}"

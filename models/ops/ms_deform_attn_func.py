@@ -11,11 +11,15 @@ L levels, P points per level):
     -> output           [B, Q, H * D]
 
 A location is bilinearly sampled with ``align_corners=False`` semantics (pixel centres at
-(i + 0.5) / W) and zeros outside the map. ``ms_deform_attn_pytorch`` is the reference
-implementation; ``ms_deform_attn`` runs the compiled kernels (the ``sparse_detr::ms_deform_attn``
-operator, see ``_library.py``; built lazily on first use, see ``_extension.py``) for CPU and CUDA
-tensors when they can be built, and this reference otherwise. ``MSDA_IMPL=pytorch`` forces the
-reference; ``models.ops.implementation(device)`` says which path runs.
+(i + 0.5) / W) and zeros outside the map. :func:`ms_deform_attn_pytorch` is the one pure-PyTorch
+reference; every other path is checked against it. :func:`ms_deform_attn` takes one of three paths,
+chosen by :func:`choose_implementation` (which ``models.ops.implementation(device, dtype)`` reports):
+
+* ``"kernel"``: the compiled kernels (the ``sparse_detr::ms_deform_attn`` operator, see ``_library.py``;
+  optional, built lazily on first use, see ``_extension.py``) for CPU and CUDA tensors when they can
+  be built and pass their self-check against the reference (``selfcheck.py``), unless ``MSDA_IMPL=pytorch``;
+* ``"gather"``: :func:`ms_deform_attn_gather` for CUDA tensors in deterministic mode (below);
+* ``"pytorch"``: the reference, otherwise.
 
 Determinism: on the CPU both paths are deterministic for a given thread count (the kernel gives each
 work item its own grad_value buffer and sums the buffers in a fixed order; how many there are depends
@@ -25,24 +29,25 @@ grad_value with atomicAdd, whose order varies from run to run; with
 :func:`ms_deform_attn_gather`, whose backward is torch.gather's deterministic scatter-add (slower, and
 four times grid_sample's memory for the sampled values).
 
-The two paths agree to rounding, with one dtype difference: the kernels accept locations and
+The kernels and the reference agree to rounding, with one dtype difference: the kernels accept locations and
 weights in any floating dtype (they compute with them in float32, float64 for float64 values) and
 return the dtype of ``value``; the reference needs ``grid_sample``-compatible dtypes.
 """
 from __future__ import annotations
 
 import logging
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _extension, _library  # noqa: F401 - _library registers the operator
+from . import _extension, selfcheck
 
 logger = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_logged_gather = False
+_logged_gather = False  # the gather path is announced once per process
 
 
 def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
@@ -105,31 +110,51 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention; see the module docstring for shapes.
 
-    ``level_start_index`` is what compiled kernels index with; the PyTorch path derives the
+    ``level_start_index`` is what compiled kernels index with; the PyTorch paths derive the
     level boundaries from ``spatial_shapes``.
     """
-    if _deterministic_cuda(value.device.type):
+    path = choose_implementation(value.device.type, value.dtype)
+    if path == "gather":
         return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
-    if value.dtype in _KERNEL_DTYPES and _kernel_enabled(value.device.type):
+    if path == "kernel":
         return torch.ops.sparse_detr.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                                     attention_weights)
     return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
 
 
+# torch.compile evaluates this once while tracing (building/loading the kernel then) and bakes the
+# answer into the graph.
 @torch.compiler.assume_constant_result
-def _deterministic_cuda(device_type: str) -> bool:
+def choose_implementation(device_type: str, dtype: torch.dtype) -> str:
+    """``"gather"``, ``"kernel"`` or ``"pytorch"``: the path of :func:`ms_deform_attn` for ``value`` tensors of
+    ``device_type`` and ``dtype``, from the deterministic-algorithms flag, ``MSDA_IMPL`` and whether the kernel
+    builds (the first ask builds it). Raises RuntimeError under ``MSDA_IMPL=kernel`` when it does not."""
+    if device_type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        _log_gather_once()
+        return "gather"
+    requested = _extension.requested_implementation()
+    if requested == "pytorch" or dtype not in _KERNEL_DTYPES:
+        return "pytorch"
+    status = _extension.load(device_type, warn=requested == "auto")
+    if status.loaded and selfcheck.kernel_agrees(device_type, dtype):
+        return "kernel"
+    if status.loaded and requested == "kernel":
+        raise RuntimeError(f"{_extension.ENV_IMPL}=kernel but the compiled kernel for {device_type} {dtype} tensors "
+                           "failed its self-check against the PyTorch reference (logged above)")
+    if requested == "kernel":
+        raise RuntimeError(f"{_extension.ENV_IMPL}=kernel but the compiled kernel for {device_type} tensors is "
+                           f"unavailable ({status.state}: {status.reason}); build it with `{_extension.BUILD_COMMAND}`")
+    return "pytorch"
+
+
+def implementation(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """:func:`choose_implementation` for tensors on ``device`` (``"cuda"``, ``"cpu:0"``, ...) of ``dtype``."""
+    return choose_implementation(torch.device(device).type, dtype)
+
+
+def _log_gather_once() -> None:
     global _logged_gather
-    if device_type != "cuda" or not torch.are_deterministic_algorithms_enabled():
-        return False
     if not _logged_gather:
         _logged_gather = True
         logger.info("deterministic algorithms: multi-scale deformable attention on CUDA takes the torch.gather "
                     "path (the CUDA kernel and grid_sample accumulate gradients with atomicAdd)")
-    return True
-
-
-@torch.compiler.assume_constant_result
-def _kernel_enabled(device_type: str) -> bool:
-    # torch.compile evaluates this once while tracing (building/loading the kernel then) and bakes
-    # the answer into the graph.
-    return _extension.use_kernel(device_type)

@@ -1,6 +1,10 @@
 // Host side of the CUDA implementation of sparse_detr::ms_deform_attn: argument checks,
 // allocation, dtype dispatch and registration for the CUDA dispatch key. The kernels are in
 // ms_deform_attn_cuda_kernels.cu.
+//
+// The tests compile this very file on machines without a GPU too (tests/cuda_emulation: stand-ins for
+// the CUDA runtime and c10/cuda headers come first on the include path, the kernels run as host
+// threads); they set the two names below to run it on CPU tensors under a library of their own.
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -19,6 +23,15 @@
 #include "ms_deform_attn_cuda.h"
 #include "ms_deform_attn_host.h"
 
+// The tensors' device: a c10::DeviceType that is also the c10::DispatchKey registered for.
+#ifndef MSDA_CUDA_DEVICE
+#define MSDA_CUDA_DEVICE CUDA
+#endif
+// The operator library (namespace) the kernels are registered into.
+#ifndef MSDA_CUDA_LIBRARY
+#define MSDA_CUDA_LIBRARY sparse_detr
+#endif
+
 namespace sparse_detr {
 namespace {
 
@@ -29,7 +42,8 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                  const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const MsdaSizes& s) {
-  TORCH_CHECK(value.is_cuda(), "ms_deform_attn CUDA kernel got a tensor on ", value.device());
+  TORCH_CHECK(value.device().type() == c10::DeviceType::MSDA_CUDA_DEVICE, "ms_deform_attn CUDA kernel got a tensor on ",
+              value.device());
   constexpr int64_t int_max = std::numeric_limits<int>::max();
   TORCH_CHECK(s.heads * s.channels <= int_max && s.levels * s.points <= int_max,
               "ms_deform_attn: heads * channels or levels * points too large");
@@ -109,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparse_detr, CUDA, m) {
+TORCH_LIBRARY_IMPL(MSDA_CUDA_LIBRARY, MSDA_CUDA_DEVICE, m) {
   m.impl("ms_deform_attn", &ms_deform_attn_forward_cuda);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
 }

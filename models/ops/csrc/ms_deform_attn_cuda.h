@@ -8,11 +8,7 @@
 #include <cstdint>
 
 #include <ATen/OpMathType.h>
-#ifdef MSDA_CUDA_HOST_EMULATION
-#include "emulation/cuda_host_emulation.h"  // test-only stand-ins for the CUDA runtime
-#else
 #include <cuda_runtime_api.h>
-#endif
 
 namespace sparse_detr {
 

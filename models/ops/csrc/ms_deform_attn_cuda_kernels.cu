@@ -22,13 +22,10 @@
 #include "ms_deform_attn_common.h"
 #include "ms_deform_attn_cuda.h"
 
-// MSDA_CUDA_HOST_EMULATION: compiled as C++ by the tests (emulation/cuda_host_emulation.h runs
-// every block's threads as host threads) to check the kernels' indexing and warp logic on machines
-// without a GPU. Production builds launch normally.
-#ifdef MSDA_CUDA_HOST_EMULATION
-#define MSDA_LAUNCH(kernel, blocks, stream, ...) \
-  ::msda_emulation::launch(blocks, kBlockThreads, [&] { kernel(__VA_ARGS__); })
-#else
+// A launch. The tests also compile this file as plain C++ (tests/cuda_emulation runs every block's
+// threads as host threads, to check the indexing and warp logic without a GPU); their emulation header
+// defines MSDA_LAUNCH first, since <<<...>>> is not C++.
+#ifndef MSDA_LAUNCH
 #define MSDA_LAUNCH(kernel, blocks, stream, ...) kernel<<<blocks, kBlockThreads, 0, stream>>>(__VA_ARGS__)
 #endif
 

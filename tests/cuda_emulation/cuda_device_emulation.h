@@ -1,10 +1,11 @@
-// TEST-ONLY stand-ins that let ms_deform_attn_cuda_kernels.cu compile as plain C++ and run on the
-// CPU, so its indexing, lane/group mapping, warp-shuffle reductions and atomics can be checked on
-// machines without a GPU (tests/test_ms_deform_attn_kernels.py). Not used by any real build.
+// TEST-ONLY: what nvcc gives a .cu file (__global__, threadIdx, warp shuffles, atomics) and a
+// kernel launch (MSDA_LAUNCH, which ms_deform_attn_cuda_kernels.cu otherwise defines as <<<...>>>),
+// emulated on the host so that the real kernel source compiles as C++ and runs on CPU memory.
+// Included first by ms_deform_attn_cuda_kernels_emulated.cpp; not used by any real build.
 //
-// Every block runs as kBlockThreads host threads. __shfl_xor_sync is a block-wide barrier exchange,
-// so it also checks that all threads execute the same number of shuffles (CUDA requires every lane
-// named in the mask to take part; a kernel breaking that here fails instead of deadlocking).
+// Every block runs as kMsdaBlockThreads host threads. __shfl_xor_sync is a block-wide barrier
+// exchange, so it also checks that all threads execute the same number of shuffles (CUDA requires
+// every lane named in the mask to take part; a kernel breaking that fails here instead of hanging).
 // atomicAdd is std::atomic_ref::fetch_add. Speed is irrelevant: use tiny problems.
 #pragma once
 
@@ -23,17 +24,13 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 
-using cudaError_t = int;
-constexpr cudaError_t cudaSuccess = 0;
-using cudaStream_t = void*;
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-
 namespace msda_emulation {
 
 struct Index {
   unsigned int x = 0, y = 0, z = 0;
 };
 
+// What the threads of the block being run share: the barrier of each shuffle and one slot per thread.
 struct Block {
   std::barrier<>* barrier;
   std::uint64_t* slots;
@@ -44,6 +41,7 @@ inline thread_local Index block_index;
 inline thread_local Block* current_block = nullptr;
 inline thread_local std::int64_t shuffles = 0;
 
+// Runs `body` (the kernel call) as `threads` host threads per block, one block after the other.
 template <typename Body>
 void launch(unsigned int blocks, int threads, Body&& body) {
   for (unsigned int b = 0; b < blocks; ++b) {
@@ -81,6 +79,10 @@ void launch(unsigned int blocks, int threads, Body&& body) {
 #define threadIdx (::msda_emulation::thread_index)
 #define blockIdx (::msda_emulation::block_index)
 
+// Expanded inside the kernels file, where kBlockThreads is the block size; the stream is ignored.
+#define MSDA_LAUNCH(kernel, blocks, stream, ...) \
+  ::msda_emulation::launch(blocks, kBlockThreads, [&] { kernel(__VA_ARGS__); })
+
 template <typename T>
 T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask, int width = 32) {
   static_assert(sizeof(T) <= sizeof(std::uint64_t), "shuffled type too large");
@@ -97,7 +99,7 @@ T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask, int width = 32)
   int source = lane ^ lane_mask;
   if (source < segment || source >= segment + width) source = lane;
   const std::uint64_t received = block.slots[t - lane + source];
-  block.barrier->arrive_and_wait();
+  block.barrier->arrive_and_wait();  // nobody overwrites a slot before every thread has read its own
   T out;
   std::memcpy(&out, &received, sizeof(T));
   return out;
