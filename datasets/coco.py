@@ -18,6 +18,8 @@ Labels are the raw COCO ``category_id`` values (no remapping), so the classifier
 Bad data never gives a traceback or silently wrong numbers: the annotation file is checked and cleaned
 up front by :mod:`datasets.coco_checks` (InputError if it is not COCO, one warning per kind of fixable
 problem), and unreadable image files are found when loaded (:class:`CocoDetection`).
+Images are decoded by :mod:`datasets.images`: the stored pixels, **without** applying the EXIF orientation (as
+COCO, whose boxes and "width"/"height" describe the stored pixels), 16-bit and float pixels scaled to 8 bits.
 ``tools/check_dataset.py`` runs the same checks and decodes every image.
 """
 from __future__ import annotations
@@ -36,17 +38,20 @@ from torch.utils.data import Dataset
 from util.errors import InputError
 
 from . import transforms as T
-from .coco_checks import MAX_EXAMPLES, check_num_classes, clean_annotations, read_annotation_file, report_findings
+from .coco_checks import MAX_EXAMPLES, check_category_ids, clean_annotations, read_annotation_file, report_findings
+from .counted_log import CountedWarnings
+from .images import (  # noqa: F401 (open_rgb_image, UNREADABLE_IMAGE_ERRORS: this module's API before images.py)
+    UNREADABLE_IMAGE_ERRORS, DecodedImage, apply_pixel_limit_from_env, decode_image, exif_rotation, open_rgb_image,
+    size_mismatch,
+)
 
 logger = logging.getLogger(__name__)
+apply_pixel_limit_from_env()
 
 LAYOUT_HELP = (
     "expected layout: <coco_path>/{train2017,val2017}/ with the images and "
     "<coco_path>/annotations/instances_{train,val}2017.json"
 )
-# What PIL raises for a file it cannot decode: missing, truncated, not an image, too large.
-UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
-
 
 
 def coco_from_dict(dataset: dict) -> COCO:
@@ -58,23 +63,6 @@ def coco_from_dict(dataset: dict) -> COCO:
         coco.createIndex()
     logger.debug("pycocotools: %s", buffer.getvalue().strip())
     return coco
-
-
-def open_rgb_image(source: Path | bytes) -> PIL.Image.Image:
-    """The fully decoded RGB image of a file or of its bytes; raises one of UNREADABLE_IMAGE_ERRORS if it
-    cannot be decoded."""
-    with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        return image.convert("RGB")
-
-
-def size_mismatch(image_info: dict, image: PIL.Image.Image) -> Optional[str]:
-    """``"<file_name>: 64x48 on disk, 48x64 in the JSON"`` when the decoded size differs from the JSON's
-    "width"/"height" (a resized or rotated file: its boxes no longer fit), else None."""
-    json_size = (image_info["width"], image_info["height"])
-    if image.size == json_size:
-        return None
-    return (f'{image_info["file_name"]}: {image.width}x{image.height} on disk, '
-            f"{json_size[0]:g}x{json_size[1]:g} in the JSON")
 
 
 def coco_annotations_to_target(
@@ -119,7 +107,10 @@ class CocoDetection(Dataset):
     missing images and malformed boxes raise InputError). ``num_classes`` (if given) is checked against
     every category id.
     An image file that cannot be decoded is found when loaded: with ``strict_data`` InputError, else a
-    warning and the next readable image (index + 1, wrapping) takes its place.
+    warning and the next readable image (index + 1, wrapping) takes its place. A file whose size differs from
+    the JSON's or with an EXIF rotation (never applied) is warned about, an error with ``strict_data``; 16-bit
+    and float files are scaled to 8 bits with a warning (:mod:`datasets.images`). Negative category ids are an
+    InputError.
     ``cache_mode=True`` reads every image file's (encoded) bytes into memory once at construction;
     decoding still happens per access. ``self.coco`` is the pycocotools ground truth and ``self.ids``
     the sorted image ids (index ``i`` -> ``self.ids[i]``).
@@ -144,17 +135,18 @@ class CocoDetection(Dataset):
         if not dataset["images"]:
             raise InputError(f"no images to use: {self.ann_file} lists {num_listed} images and none of them is "
                              f"in {self.img_folder} ({LAYOUT_HELP})")
-        if num_classes is not None:
-            check_num_classes(dataset, num_classes, self.ann_file)
+        check_category_ids(dataset, num_classes, self.ann_file)
         self.coco = coco_from_dict(dataset)
         self.num_classes = num_classes
         self.strict_data = strict_data
         self.ids: list[int] = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.cache_mode = cache_mode
-        # Per process (each DataLoader worker has its own copy): images found unreadable, size mismatches seen.
+        # Per process (each DataLoader worker has its own copy): images found unreadable, size mismatches seen,
+        # images with more than 8 bits or an EXIF rotation (counts in self.image_notes.counts).
         self.unreadable: set[int] = set()
         self.size_mismatches = 0
+        self.image_notes = CountedWarnings(logger)
         self._cache: dict[int, bytes] = {}
         if cache_mode:
             for image_id in self.ids:
@@ -165,17 +157,21 @@ class CocoDetection(Dataset):
     def _path(self, image_id: int) -> Path:
         return self.img_folder / self.coco.imgs[image_id]["file_name"]
 
-    def load_image(self, image_id: int) -> PIL.Image.Image:
-        """The RGB image of ``image_id`` (from the cache in cache mode); one of UNREADABLE_IMAGE_ERRORS if the
-        file cannot be decoded."""
-        return open_rgb_image(self._cache[image_id] if image_id in self._cache else self._path(image_id))
+    def decode(self, image_id: int) -> DecodedImage:
+        """The decoded file of ``image_id`` (from the cache in cache mode); one of UNREADABLE_IMAGE_ERRORS if it
+        cannot be decoded."""
+        return decode_image(self._cache[image_id] if image_id in self._cache else self._path(image_id))
 
-    def _first_readable(self, index: int) -> tuple[int, PIL.Image.Image]:
-        """``(image id, image)`` of the first readable image from ``index`` on (wrapping around)."""
+    def load_image(self, image_id: int) -> PIL.Image.Image:
+        """The RGB 8-bit image of ``image_id``, its stored pixels (see :meth:`decode`)."""
+        return self.decode(image_id).image
+
+    def _first_readable(self, index: int) -> tuple[int, DecodedImage]:
+        """``(image id, decoded file)`` of the first readable image from ``index`` on (wrapping around)."""
         for offset in range(len(self.ids)):
             image_id = self.ids[(index + offset) % len(self.ids)]
             try:
-                return image_id, self.load_image(image_id)
+                return image_id, self.decode(image_id)
             except UNREADABLE_IMAGE_ERRORS as err:
                 self._unreadable(image_id, err)
         raise InputError(f"none of the {len(self.ids)} images of {self.ann_file} in {self.img_folder} can be "
@@ -190,25 +186,47 @@ class CocoDetection(Dataset):
         logger.warning("cannot read image %s (%s): using the next image instead (%d unreadable so far in this "
                        "process; --strict_data makes this an error)", path, err, len(self.unreadable))
 
-    def _warn_size_mismatch(self, image_id: int, image: PIL.Image.Image) -> None:
+    def _check_decoded(self, image_id: int, decoded: DecodedImage) -> None:
+        """Warn about (``strict_data``: raise InputError for) a size that differs from the JSON's and an EXIF
+        rotation; note 16-bit and float files, scaled to 8 bits."""
+        path = self._path(image_id)
+        mismatch = size_mismatch(self.coco.imgs[image_id], decoded.image)
+        rotation = exif_rotation(str(path), decoded.orientation)
+        if self.strict_data and mismatch:
+            raise InputError(f"{self.ann_file}: image {mismatch}: its boxes may not fit the picture; fix "
+                             '"width"/"height" and the boxes or restore the original file (without --strict_data '
+                             "this is a warning)")
+        if self.strict_data and rotation:
+            raise InputError(f"image {rotation}, which training ignores (as COCO: boxes and \"width\"/\"height\" "
+                             "describe the stored pixels): if the boxes were drawn on the rotated view, save the "
+                             "pixels rotated (PIL.ImageOps.exif_transpose) and update the boxes and "
+                             "\"width\"/\"height\", else remove the orientation tag (without --strict_data the "
+                             "rotation is ignored with a warning)")
+        if mismatch:
+            self._warn_size_mismatch(mismatch)
+        if rotation:
+            self.image_notes.warn("exif", f"image {rotation}: ignored, the stored pixels are used as COCO does (its "
+                                          "boxes must be drawn on them; --strict_data makes this an error)")
+        if decoded.scaling:
+            self.image_notes.warn("bits", f"image {path}: {decoded.scaling} to get 8 bits per channel")
+
+    def _warn_size_mismatch(self, mismatch: str) -> None:
         """Warn about the first few images whose size differs from the JSON's (per process)."""
-        mismatch = size_mismatch(self.coco.imgs[image_id], image)
-        if mismatch is None:
-            return
         self.size_mismatches += 1
         if self.size_mismatches <= MAX_EXAMPLES:
             more = " (further ones not logged)" if self.size_mismatches == MAX_EXAMPLES else ""
             logger.warning("%s: image %s: its boxes may not fit the picture (a resized or rotated file?); fix "
                            "\"width\"/\"height\" and the boxes or restore the original file (tools/check_dataset.py "
-                           "lists all such images)%s", self.ann_file, mismatch, more)
+                           "lists all such images; --strict_data makes this an error)%s", self.ann_file, mismatch, more)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, torch.Tensor]]:
         index = range(len(self.ids))[index]  # IndexError past the end: plain iteration must stop
-        image_id, image = self._first_readable(index)
-        self._warn_size_mismatch(image_id, image)
+        image_id, decoded = self._first_readable(index)
+        self._check_decoded(image_id, decoded)
+        image = decoded.image
         width, height = image.size
         target = coco_annotations_to_target(self.coco.imgToAnns.get(image_id, []), image_id, width, height)
         if self.transforms is not None:

@@ -5,24 +5,28 @@ Two kinds of problem:
 * the file is not COCO (not JSON, lists or fields missing, repeated ids, annotations of unlisted images):
   :func:`read_annotation_file` raises :class:`~util.errors.InputError` naming the problem and the format;
 * fixable problems, each kind one :class:`Finding` (:func:`clean_annotations`): images missing on disk and
-  boxes that are not 4 finite numbers are dropped, missing "area"/"iscrowd" filled in, odd boxes reported
-  (training clips them or leaves them out, as the reference does). :func:`report_findings` logs each kind
+  boxes that are not 4 finite numbers are dropped, missing "area"/"iscrowd" filled in, odd boxes, crowd-only
+  images and file names in another Unicode normalisation reported (training clips boxes or leaves them out,
+  as the reference does). :func:`report_findings` logs each kind
   once with a count; ``strict_data`` turns the dropping ones into errors.
 
-Plus the category ids against ``num_classes`` (:func:`num_classes_problem`, :func:`check_num_classes`).
+Plus the category ids: never negative, and below ``num_classes`` (:func:`negative_category_problem`,
+:func:`num_classes_problem`, :func:`check_category_ids`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from util.errors import InputError
+
+from .images import DiskNames
 
 logger = logging.getLogger(__name__)
 
@@ -187,19 +191,35 @@ def _is_box(bbox: Any) -> bool:
 
 
 def drop_missing_images(dataset: dict, img_folder: Path) -> list[Finding]:
-    """Remove the images whose file is not in ``img_folder``, and their annotations, from ``dataset``.
-
-    One directory listing, plus a stat only for names not in it (e.g. "sub/x.jpg"): fast for 118k images.
-    """
-    listed = set(os.listdir(img_folder))
-    missing = [image for image in dataset["images"]
-               if image["file_name"] not in listed and not (img_folder / image["file_name"]).is_file()]
+    """Remove the images whose file is not in ``img_folder``, and their annotations, from ``dataset``; a file
+    found under another Unicode normalisation of its name (NFC in the JSON, NFD on disk or the reverse) is used,
+    its "file_name" set to the name on disk. One directory listing: fast for 118k images."""
+    disk = DiskNames(img_folder)
+    missing, renamed = [], []
+    for image in dataset["images"]:
+        found = disk.find(image["file_name"])
+        if found is None:
+            missing.append(image)
+        elif found != image["file_name"]:
+            renamed.append(f'{image["file_name"]!r} ({_normal_form(image["file_name"])} in the JSON, '
+                           f"{_normal_form(found)} on disk)")
+            image["file_name"] = found
     missing_ids = {image["id"] for image in missing}
     dataset["images"] = [image for image in dataset["images"] if image["id"] not in missing_ids]
     dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] not in missing_ids]
-    return make_findings(f"images missing from {img_folder}", missing, lambda image: image["file_name"],
-                         "skipped with their annotations",
-                         fix="restore the files or remove these images from the annotation file")
+    return [
+        *make_findings(f"images missing from {img_folder}", missing, lambda image: image["file_name"],
+                       "skipped with their annotations",
+                       fix="restore the files or remove these images from the annotation file"),
+        *make_findings("file names written under another Unicode normalisation on disk", renamed, str,
+                       "the files on disk are used; rename them (or the JSON's \"file_name\") to the same form "
+                       "for other tools"),
+    ]
+
+
+def _normal_form(name: str) -> str:
+    """"NFC", "NFD", "NFC/NFD" (both) or "mixed": the Unicode normalisation ``name`` is written in."""
+    return "/".join(form for form in ("NFC", "NFD") if unicodedata.is_normalized(form, name)) or "mixed"
 
 
 def drop_malformed_boxes(dataset: dict) -> list[Finding]:
@@ -269,6 +289,34 @@ def undeclared_category_findings(dataset: dict) -> list[Finding]:
                          'trained on, but COCO evaluation ignores them; declare the category in "categories"')
 
 
+def crowd_findings(dataset: dict) -> list[Finding]:
+    """Images whose every annotation is a crowd region (``iscrowd`` 1: not a training target, ignored by COCO
+    evaluation), and a file without a single non-crowd box (training sees no object, evaluation gives -1).
+    Call after :func:`fill_missing_iscrowd`."""
+    crowd_boxes: Counter[int] = Counter()
+    with_objects = set()
+    for ann in dataset["annotations"]:
+        if ann["iscrowd"]:
+            crowd_boxes[ann["image_id"]] += 1
+        else:
+            with_objects.add(ann["image_id"])
+    crowd_only = [image for image in dataset["images"] if crowd_boxes[image["id"]] and image["id"] not in with_objects]
+    findings = make_findings(
+        "images whose every annotation is a crowd region (iscrowd 1)", crowd_only,
+        lambda image: f'{image["file_name"]} (crowd boxes: {crowd_boxes[image["id"]]})',
+        f"trained on as images without objects ({sum(crowd_boxes[i['id']] for i in crowd_only)} crowd boxes on them "
+        "in all: crowd regions are no training target and COCO evaluation ignores them)")
+    if dataset["images"] and not with_objects:
+        count = len(dataset["annotations"])
+        held = f"{count} annotations, all crowd regions" if count else "no annotation"
+        findings += make_findings(
+            "images in a file without one non-crowd box to learn from or evaluate", dataset["images"],
+            lambda image: image["file_name"],
+            f"training sees no object and COCO evaluation has no ground truth (its stats are -1): the file has "
+            f'{held}. Check that this is the right annotation file and its "iscrowd" values')
+    return findings
+
+
 def clean_annotations(dataset: dict, img_folder: Path) -> list[Finding]:
     """Every fixable problem of a checked ``dataset`` (see :func:`read_annotation_file`), fixed in place:
     missing images and malformed boxes dropped, "area"/"iscrowd" filled in."""
@@ -277,6 +325,7 @@ def clean_annotations(dataset: dict, img_folder: Path) -> list[Finding]:
         *drop_malformed_boxes(dataset),
         *fill_missing_areas(dataset),
         *fill_missing_iscrowd(dataset),
+        *crowd_findings(dataset),
         *box_geometry_findings(dataset),
         *undeclared_category_findings(dataset),
     ]
@@ -328,8 +377,28 @@ def num_classes_problem(dataset: dict, num_classes: int, ann_file: str | Path) -
             "or 91 for standard COCO ids) or fix the annotation file.")
 
 
-def check_num_classes(dataset: dict, num_classes: int, ann_file: str | Path) -> None:
-    """Raise InputError if some category id cannot be predicted by ``num_classes`` logits."""
-    problem = num_classes_problem(dataset, num_classes, ann_file)
+def negative_category_problem(dataset: dict, ann_file: str | Path) -> Optional[str]:
+    """Why the negative category ids of ``dataset`` cannot be used (they would wrap around to the last class of
+    the classifier), or None if there are none."""
+    anns = [a for a in dataset["annotations"] if a["category_id"] < 0]
+    categories = [c for c in dataset["categories"] if c["id"] < 0]
+    if not anns and not categories:
+        return None
+    counts = [f'{len(anns)} annotations with a negative "category_id"'] if anns else []
+    counts += [f'{len(categories)} categories with a negative "id"'] if categories else []
+    examples = [f'annotation {a["id"]}: category_id {a["category_id"]}' for a in anns[:MAX_EXAMPLES]]
+    examples += [f'category {c["id"]} ({c.get("name", "?")})' for c in categories[:MAX_EXAMPLES]]
+    return (f"{ann_file} has {' and '.join(counts)} (e.g. {', '.join(examples)}); category ids must be >= 0: the "
+            "classifier has one output per id 0 .. num_classes - 1 and a negative id would wrap around to the last "
+            'one. Renumber these categories to unused ids >= 0 in "categories" and in the annotations\' '
+            '"category_id".')
+
+
+def check_category_ids(dataset: dict, num_classes: Optional[int], ann_file: str | Path) -> None:
+    """Raise InputError if some category id is negative or (with ``num_classes``) cannot be predicted by
+    ``num_classes`` logits."""
+    problem = negative_category_problem(dataset, ann_file)
+    if problem is None and num_classes is not None:
+        problem = num_classes_problem(dataset, num_classes, ann_file)
     if problem:
         raise InputError(problem)

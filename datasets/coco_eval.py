@@ -11,7 +11,8 @@ Usage::
 
 ``boxes`` are absolute xyxy pixels of the *original* image, ``labels`` are COCO category ids.
 Only images passed to :meth:`update` are evaluated (an image with zero predictions still
-counts, so its ground truth becomes misses).
+counts, so its ground truth becomes misses). When those images hold no ground-truth box that COCO scores
+(only crowd regions, say) every stat is -1; :meth:`summarize` then says so and what to check.
 """
 from __future__ import annotations
 
@@ -133,20 +134,43 @@ class CocoEvaluator:
         """Fill ``coco_eval[t].stats`` for every iou type; returns the pycocotools table text."""
         if not self._evaluated:
             self.accumulate()
-        text = []
+        text, note = [], self.no_ground_truth_note()
         for iou_type, coco_eval in self.coco_eval.items():
             if not coco_eval.eval:
                 coco_eval.stats = np.full(NUM_STATS, -1.0)
                 out = "no images evaluated"
             else:
                 _, out = _quiet(coco_eval.summarize)
+                out = f"{out.rstrip()}\n{note}" if note else out
             text.append(f"IoU metric: {iou_type}\n{out.rstrip()}")
         return "\n".join(text)
+
+    def no_ground_truth_note(self) -> str:
+        """Why every stat is -1 when the evaluated images hold no ground-truth box that COCO scores (no
+        annotation, or only crowd regions or undeclared categories), else "" (also when no image was evaluated:
+        :meth:`accumulate` says so)."""
+        if not self.img_ids:
+            return ""
+        cat_ids = set(self.coco_gt.getCatIds())
+        annotations = [a for i in self.img_ids for a in self.coco_gt.imgToAnns.get(i, [])]
+        scored = [a for a in annotations if a["category_id"] in cat_ids and not a.get("iscrowd", 0)]
+        if scored:
+            return ""
+        crowd = sum(1 for a in annotations if a.get("iscrowd", 0))
+        undeclared = sum(1 for a in annotations if a["category_id"] not in cat_ids)
+        return (f"no ground-truth boxes to evaluate: the {len(self.img_ids)} evaluated images have "
+                f"{len(annotations)} annotations ({crowd} crowd regions, {undeclared} of undeclared categories) and "
+                "not one non-crowd box of a declared category, so every COCO stat is -1 (undefined, not a score). "
+                'Check the val annotation file: its "annotations", their "iscrowd" and "category_id" values and '
+                'its "categories" (tools/check_dataset.py reports crowd-only images)')
 
     def summarize(self) -> str:
         """Compute the 12 stats of each iou type; log the COCO table (INFO) and return it as text."""
         summary = self._compute_stats()
         logger.info("%s", summary)
+        note = self.no_ground_truth_note()
+        if note:
+            logger.warning("CocoEvaluator: %s", note)
         return summary
 
     @property

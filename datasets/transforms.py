@@ -18,6 +18,7 @@ Randomness comes from Python's :mod:`random` module alone: training seeds it per
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -28,11 +29,21 @@ from torch import Tensor
 
 from util.box_ops import box_xyxy_to_cxcywh
 
+from .counted_log import CountedWarnings
+
+logger = logging.getLogger(__name__)
+_resize_warnings = CountedWarnings(logger)
+
 Target = Optional[dict[str, Any]]
 Size = Union[int, Sequence[int]]
 
 # Per-box fields that must be filtered together with ``boxes`` when boxes are dropped.
 PER_BOX_FIELDS = ("labels", "area", "iscrowd")
+
+# Resized sides: the shorter at least MIN_SIDE px (1 px at stride 64, the deepest feature map with an extra
+# level), the longer at most MAX_SIDE px when no max_size bounds it; only extreme aspect ratios reach them.
+MIN_SIDE = 64
+MAX_SIDE = 16384
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,13 +92,10 @@ def hflip(image: PIL.Image.Image, target: Target):
     return image, target
 
 
-def get_resize_hw(image_wh: tuple[int, int], size: int, max_size: Optional[int] = None) -> tuple[int, int]:
-    """Output ``(h, w)`` so the shorter side is ``size`` (aspect ratio kept), the longer <= ``max_size``.
-
-    When the longer side would exceed ``max_size``, ``size`` is reduced to
-    ``round(max_size * short / long)``. The longer output side is ``int(size * long / short)``
-    (truncation), as in the reference implementation.
-    """
+def _reference_resize_hw(image_wh: tuple[int, int], size: int, max_size: Optional[int]) -> tuple[int, int]:
+    """The reference implementation's output ``(h, w)``: shorter side ``size`` (reduced to
+    ``round(max_size * short / long)`` when the longer would exceed ``max_size``), longer ``int(size * long /
+    short)`` (truncation: it may end up slightly above ``max_size``). A side may be 0 px for extreme shapes."""
     w, h = image_wh
     if max_size is not None:
         short, long = float(min(w, h)), float(max(w, h))
@@ -100,15 +108,59 @@ def get_resize_hw(image_wh: tuple[int, int], size: int, max_size: Optional[int] 
     return size, int(size * w / h)
 
 
-def resize(image: PIL.Image.Image, target: Target, size: Size, max_size: Optional[int] = None):
-    """Resize to ``size``: an int (shorter side, see :func:`get_resize_hw`) or an ``(h, w)`` pair.
+def resize_hw_and_reason(image_wh: tuple[int, int], size: int,
+                         max_size: Optional[int] = None) -> tuple[tuple[int, int], Optional[str]]:
+    """``((h, w), why the aspect ratio was not kept or None)``: :func:`_reference_resize_hw`, with the sides
+    clamped for extreme aspect ratios (about 21:1 and beyond at the default sizes).
 
-    Absolute xyxy boxes are scaled by ``(w'/w, h'/h)``, ``area`` by their product.
+    The shorter side is at least ``min(size, MIN_SIDE, max_size)`` (the model needs 1 px of its stride-64
+    feature map; the reference would give 0 px from about 2666:1 on, a crash), the longer side then at most
+    ``max_size``; without ``max_size`` the longer side is at most ``MAX_SIDE`` (the reference would allocate a
+    400 x 1,000,000 image). Boxes follow the image in :func:`resize`.
+    """
+    w, h = image_wh
+    out_h, out_w = _reference_resize_hw(image_wh, size, max_size)
+    short, long = (out_w, out_h) if w < h else (out_h, out_w)
+    min_short = min(size, MIN_SIDE, max_size if max_size is not None else size)
+    if short < min_short:
+        reason = (f"keeping it would leave the short side {short} px, under the {min_short} px the model needs "
+                  f"(its deepest feature map has a stride of {MIN_SIDE})")
+        short = min_short
+        long = max(short, min(int(short * max(w, h) / min(w, h)), max_size if max_size is not None else MAX_SIDE))
+    elif max_size is None and long > MAX_SIDE:
+        reason = f"keeping it would make the long side {long} px, over {MAX_SIDE} px"
+        long = MAX_SIDE
+    else:
+        return (out_h, out_w), None
+    return ((long, short) if w < h else (short, long)), reason
+
+
+def get_resize_hw(image_wh: tuple[int, int], size: int, max_size: Optional[int] = None) -> tuple[int, int]:
+    """Output ``(h, w)`` so the shorter side is ``size`` (aspect ratio kept), the longer <= ``max_size``.
+
+    When the longer side would exceed ``max_size``, ``size`` is reduced to
+    ``round(max_size * short / long)``. The longer output side is ``int(size * long / short)``
+    (truncation), as in the reference implementation. Extreme aspect ratios are clamped, see
+    :func:`resize_hw_and_reason`: no side is ever 0 px.
+    """
+    return resize_hw_and_reason(image_wh, size, max_size)[0]
+
+
+def resize(image: PIL.Image.Image, target: Target, size: Size, max_size: Optional[int] = None):
+    """Resize to ``size``: an int (shorter side, see :func:`get_resize_hw`) or an ``(h, w)`` pair (each side at
+    least 1 px).
+
+    Absolute xyxy boxes are scaled by ``(w'/w, h'/h)``, ``area`` by their product. A change of aspect ratio
+    forced by an extreme shape is logged (the 1st, 10th, 100th, ... time per process).
     """
     if isinstance(size, int):
-        out_hw = get_resize_hw(image.size, size, max_size)
+        out_hw, reason = resize_hw_and_reason(image.size, size, max_size)
+        if reason:
+            _resize_warnings.warn("aspect", f"a {image.width}x{image.height} image is resized to {out_hw[1]}x"
+                                            f"{out_hw[0]}, not keeping its aspect ratio: {reason}; its boxes are "
+                                            "scaled with it")
     else:
-        out_hw = (int(size[0]), int(size[1]))
+        out_hw = (max(1, int(size[0])), max(1, int(size[1])))
     old_w, old_h = image.size
     image = F.resize(image, list(out_hw))
     if target is None:

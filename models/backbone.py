@@ -14,9 +14,11 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from util.checkpoint import torch_load
 from util.errors import InputError
 from util.misc import NestedTensor
 
+from .backbone_common import check_weights_fit, masked_map
 from .position_encoding import build_position_encoding
 from .swin import SWINS, SwinBackbone
 
@@ -48,9 +50,10 @@ def _load_imagenet_weights(name: str) -> dict[str, Tensor]:
         ) from err
 
 
-def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+def read_weights_file(path: str | Path, *, trust: bool = False) -> dict[str, Tensor]:
     """The state dict in a local weights file (``--backbone_weights``): a bare state dict, or one under
-    ``model`` (the official Swin release, our checkpoints) or ``state_dict``; ``.safetensors`` files too."""
+    ``model`` (the official Swin release, our checkpoints) or ``state_dict``; ``.safetensors`` files too.
+    Loaded without running code from the file unless ``trust`` (``--trust_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--backbone_weights {path}: no such file. Pass the path of a local weights file "
@@ -59,7 +62,7 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch_load(path, trust=trust)
     for key in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
@@ -69,9 +72,9 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     return checkpoint
 
 
-def _load_scrl_weights(path: str) -> dict[str, Tensor]:
+def _load_scrl_weights(path: str, *, trust: bool = False) -> dict[str, Tensor]:
     """Map an SCRL checkpoint (``online_network_state_dict``, ``encoder.<i>``) to torchvision names."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch_load(Path(path), trust=trust)
     if "online_network_state_dict" not in checkpoint:
         raise InputError(f"--scrl_pretrained_path {path}: not an SCRL checkpoint (no 'online_network_state_dict'); "
                          "for a plain ResNet-50 state dict use --backbone_weights.")
@@ -135,12 +138,9 @@ class ResNetBackbone(nn.Module):
                                                    norm_layer=FrozenBatchNorm2d)
         if state_dict is not None:
             own = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}  # the classifier goes unused
-            missing = [k for k in own if k not in state_dict]
-            reshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-            if missing or reshaped:
-                raise InputError(f"the backbone weights do not fit {name}: {len(missing)} tensors missing (e.g. "
-                                 f"{missing[:3]}), {len(reshaped)} of another shape (e.g. {reshaped[:3]}). Pass the "
-                                 f"ImageNet weights of {name} (torchvision's layout) or choose the matching --backbone.")
+            check_weights_fit(own, state_dict, what=f"the backbone weights do not fit {name}",
+                              fix=f"Pass the ImageNet weights of {name} (torchvision's layout) or choose the matching "
+                                  f"--backbone.")
             resnet.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
         for param_name, param in resnet.named_parameters():
             # The reference trains layer2-4 only (stem and layer1 stay frozen), unless asked otherwise.
@@ -175,18 +175,15 @@ class ResNetBackbone(nn.Module):
         return maps
 
     def forward(self, images: NestedTensor) -> list[NestedTensor]:
-        out = []
-        for x in self.feature_maps(images.tensors):
-            mask = F.interpolate(images.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-            out.append(NestedTensor(x, mask))
-        return out
+        """The returned stages' maps [B, C_l, H_l, W_l] with their padding masks [B, H_l, W_l]."""
+        return [masked_map(x, images.mask) for x in self.feature_maps(images.tensors)]
 
 
 class Joiner(nn.Sequential):
     """``backbone`` followed by ``position_encoding`` (a Sequential, for the reference's key names
     ``backbone.0.body.*``); returns the feature maps and their position encodings."""
 
-    def __init__(self, backbone: nn.Module, position_encoding: nn.Module):
+    def __init__(self, *, backbone: nn.Module, position_encoding: nn.Module):
         super().__init__(backbone, position_encoding)
         self.strides = backbone.strides
         self.num_channels = backbone.num_channels
@@ -199,63 +196,51 @@ class Joiner(nn.Sequential):
         return features, positions
 
     def position_encoding(self, features: NestedTensor) -> Tensor:
+        """Position encoding [B, hidden, H, W] of one more map (the detectors' extra levels)."""
         return self[1](features).to(features.tensors.dtype)
 
 
-def backbone_layers(args) -> tuple[int, ...]:
-    """Backbone stages (ResNet numbering, also for Swin) each detector reads, finest first.
+def backbone_layers(model: str, num_feature_levels: int) -> tuple[int, ...]:
+    """Backbone stages (ResNet numbering, also for Swin) the detector ``model`` reads, finest first.
 
     Deformable family: the ``num_feature_levels`` coarsest of C3-C5 (further levels are strided
     convolutions on C5), so 4 levels read C3-C5 and 2 levels C4-C5; SDETR: C4 and C5 (stage 2
     runs on C4, stage 1 on C5); DETR: C5.
     """
-    if args.model == "sdetr":
+    if model == "sdetr":
         return (3, 4)
-    if args.model == "deformable":
-        return (2, 3, 4)[-min(args.num_feature_levels, 3):]
+    if model == "deformable":
+        return (2, 3, 4)[-min(num_feature_levels, 3):]
     return (4,)
 
 
 def build_backbone(args, *, load_weights: bool = True) -> Joiner:
     """The backbone of ``args``. ``load_weights=False`` skips reading its initial weights (a
     checkpoint will replace them) but freezes layers as if they had been loaded."""
+    swin = args.backbone in SWINS
+    if swin and args.dilation:
+        raise ValueError(f"--dilation applies to ResNets (resnet50/101), not --backbone {args.backbone}")
     pretrained = not args.backbone_from_scratch
-    freeze_early_layers = pretrained and not args.finetune_early_layers
-    if args.backbone in SWINS:
-        if args.dilation:
-            raise ValueError(f"--dilation applies to ResNets (resnet50/101), not --backbone {args.backbone}")
-        if not load_weights:
-            state_dict = None
-        elif args.backbone_weights:
-            state_dict = read_weights_file(args.backbone_weights)
-        elif pretrained:
-            raise WeightsUnavailableError(
-                f"--backbone {args.backbone} has no downloadable ImageNet weights here. Fix: pass the Swin-T "
-                f"ImageNet checkpoint (swin_tiny_patch4_window7_224.pth of the official Swin release, or a timm "
-                f"one) with --backbone_weights PATH, or train without it with --backbone_from_scratch (also the "
-                f"flag to use when a checkpoint's weights replace the backbone's anyway).")
-        else:
-            state_dict = None
-        backbone = SwinBackbone(name=args.backbone, train_backbone=args.lr_backbone > 0,
-                                return_layers=backbone_layers(args), freeze_early_layers=freeze_early_layers,
-                                state_dict=state_dict, source=f"--backbone_weights {args.backbone_weights}")
-        return Joiner(backbone, build_position_encoding(args))
+    state_dict = None
     if not load_weights:
-        state_dict = None
+        pass  # a checkpoint will replace every weight
     elif args.backbone_weights:
-        state_dict = read_weights_file(args.backbone_weights)
-    elif args.scrl_pretrained_path:
-        state_dict = _load_scrl_weights(args.scrl_pretrained_path)
-    elif pretrained:
+        state_dict = read_weights_file(args.backbone_weights, trust=args.trust_checkpoint)
+    elif swin and pretrained:
+        raise WeightsUnavailableError(
+            f"--backbone {args.backbone} has no downloadable ImageNet weights here. Fix: pass the Swin-T "
+            f"ImageNet checkpoint (swin_tiny_patch4_window7_224.pth of the official Swin release, or a timm "
+            f"one) with --backbone_weights PATH, or train without it with --backbone_from_scratch (also the "
+            f"flag to use when a checkpoint's weights replace the backbone's anyway).")
+    elif not swin and args.scrl_pretrained_path:
+        state_dict = _load_scrl_weights(args.scrl_pretrained_path, trust=args.trust_checkpoint)
+    elif not swin and pretrained:
         state_dict = _load_imagenet_weights(args.backbone)
+    options = dict(name=args.backbone, train_backbone=args.lr_backbone > 0,
+                   return_layers=backbone_layers(args.model, args.num_feature_levels),
+                   freeze_early_layers=pretrained and not args.finetune_early_layers, state_dict=state_dict)
+    if swin:
+        backbone = SwinBackbone(**options, source=f"--backbone_weights {args.backbone_weights}")
     else:
-        state_dict = None
-    backbone = ResNetBackbone(
-        name=args.backbone,
-        train_backbone=args.lr_backbone > 0,
-        return_layers=backbone_layers(args),
-        dilation=args.dilation,
-        freeze_early_layers=freeze_early_layers,
-        state_dict=state_dict,
-    )
-    return Joiner(backbone, build_position_encoding(args))
+        backbone = ResNetBackbone(**options, dilation=args.dilation)
+    return Joiner(backbone=backbone, position_encoding=build_position_encoding(args))

@@ -173,37 +173,3 @@ class SetCriterion(nn.Module):
         if self.mask_prediction:
             losses.update(self.loss_mask_prediction(outputs))
         return losses
-
-
-class PostProcess(nn.Module):
-    """Model outputs -> per-image detections in absolute xyxy pixels of ``target_sizes``.
-
-    Focal (sigmoid) models keep the ``num_select`` best (query, class) pairs; softmax models (DETR)
-    keep every query with its best real class.
-    """
-
-    def __init__(self, *, focal: bool = True, num_select: int = 100):
-        super().__init__()
-        self.focal = focal
-        self.num_select = num_select
-
-    @torch.no_grad()
-    def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """target_sizes: [B, 2] (h, w) of the original images. Returns B dicts of ``scores`` [N],
-        ``labels`` [N] and ``boxes`` [N, 4] (xyxy, pixels)."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2:
-            raise ValueError(f"target_sizes must be [{len(logits)}, 2], got {list(target_sizes.shape)}")
-        boxes = box_ops.box_cxcywh_to_xyxy(boxes)
-        if self.focal:
-            num_classes = logits.shape[2]
-            scores, index = torch.topk(logits.sigmoid().flatten(1), min(self.num_select, logits[0].numel()), dim=1)
-            query_index = torch.div(index, num_classes, rounding_mode="floor")
-            labels = index % num_classes
-            boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
-        else:
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        img_h, img_w = target_sizes.unbind(1)
-        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
-        boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]

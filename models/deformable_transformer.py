@@ -2,158 +2,34 @@
 
 Token layout: the L feature maps are flattened and concatenated, level after level, into S =
 sum_l H_l * W_l tokens. Box format everywhere is normalised (cx, cy, w, h); "unact" tensors hold
-the same boxes before the sigmoid (logits).
+the same boxes before the sigmoid (logits). The encoder lives in ``models/deformable_encoder.py``.
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from util.misc import inverse_sigmoid
+from util.errors import InputError
 
+from .deformable_encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer, MaskPredictor,
+                                 clones, gather_tokens)
+from .heads import refine_box_logits
 from .ops import MSDeformAttn
 
 
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
-
-
-def _gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
-    """tokens [B, S, ...] gathered at index [B, K] along S -> [B, K, ...]."""
-    expanded = index.view(*index.shape, *([1] * (tokens.dim() - 2))).expand(-1, -1, *tokens.shape[2:])
-    return torch.gather(tokens, 1, expanded)
-
-
-class MaskPredictor(nn.Module):
-    """Sparse DETR's scoring network: one saliency logit per token, from the token and the image mean.
-
-    [B, S, C] -> [B, S, 1]. Half of the hidden features are averaged over all tokens of the image
-    (padding included, as the reference) to give every token global context.
-    """
-
-    def __init__(self, *, in_dim: int, hidden_dim: int):
-        super().__init__()
-        self.hidden_dim = hidden_dim
-        self.layer1 = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU())
-        self.layer2 = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim // 2), nn.GELU(),
-            nn.Linear(hidden_dim // 2, hidden_dim // 4), nn.GELU(),
-            nn.Linear(hidden_dim // 4, 1),
-        )
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        z = self.layer1(tokens)
-        z_local, z_global = z.split(self.hidden_dim // 2, dim=-1)
-        z_global = z_global.mean(dim=1, keepdim=True).expand_as(z_local)
-        return self.layer2(torch.cat([z_local, z_global], dim=-1))
-
-
-class DeformableTransformerEncoderLayer(nn.Module):
-    """Post-norm layer: multi-scale deformable self-attention, then a feed-forward network."""
-
-    def __init__(self, *, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4):
-        super().__init__()
-        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, query: Tensor, query_pos: Tensor, reference_points: Tensor, value: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """query [B, K, C] attends to value [B, S, C] (K = S, or the kept tokens of the sparse encoder).
-
-        Returns the updated queries [B, K, C], sampling locations and attention weights.
-        """
-        attended, locations, weights = self.self_attn(query + query_pos, reference_points, value, spatial_shapes,
-                                                      level_start_index, padding_mask)
-        query = self.norm1(query + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(query))))
-        query = self.norm2(query + self.dropout3(ffn))
-        return query, locations, weights
-
-
-class DeformableTransformerEncoder(nn.Module):
-    """A stack of encoder layers; sparse when given the indices of the tokens to update.
-
-    ``class_embed`` / ``bbox_embed`` (one head per layer but the last) are attached by the detector
-    when it trains with the encoder auxiliary loss (Sparse DETR).
-    """
-
-    def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = _clones(layer, num_layers)
-        self.num_layers = num_layers
-        self.class_embed: Optional[nn.ModuleList] = None
-        self.bbox_embed: Optional[nn.ModuleList] = None
-
-    @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
-        """Centre of every token, normalised by its level's valid (unpadded) size and mapped onto
-        every level -> [B, S, L, 2] (x, y), relative to each level's padded map."""
-        points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
-                indexing="ij")
-            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
-            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
-            points.append(torch.stack((ref_x, ref_y), -1))
-        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
-
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                valid_ratios: Tensor, padding_mask: Tensor, kept_index: Optional[Tensor] = None,
-                kept_counts: Optional[Tensor] = None, proposals_unact: Optional[Tensor] = None) -> dict:
-        """
-        Args:
-            src, pos:        [B, S, C] tokens and their (level) position embeddings.
-            valid_ratios:    [B, L, 2] valid (w, h) fraction of each level; padding_mask: [B, S].
-            kept_index:      [B, K] tokens to update (Sparse DETR); None updates all tokens.
-            kept_counts:     [B] how many of ``kept_index`` each image writes back (its own count).
-            proposals_unact: [B, S] x 4 proposal boxes (logits) of every token, for the aux heads.
-
-        Returns a dict: ``memory`` [B, S, C] and, with aux heads, ``aux_logits`` / ``aux_boxes``:
-        lists (one per layer but the last) of [B, K, num_classes] / [B, K, 4] (sigmoid boxes).
-        """
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
-        memory = src
-        query, query_pos = src, pos
-        if kept_index is not None:
-            reference_points = _gather_tokens(reference_points, kept_index)
-            query, query_pos = _gather_tokens(src, kept_index), _gather_tokens(pos, kept_index)
-            if proposals_unact is not None:
-                proposals_unact = _gather_tokens(proposals_unact, kept_index)
-            # Every image gathers the batch's largest count K; only its own first kept_counts[i] are
-            # written back. Rows past the count write back the value already there (a no-op).
-            writes_back = (torch.arange(kept_index.shape[1], device=src.device)[None] < kept_counts[:, None])[..., None]
-        aux_logits, aux_boxes = [], []
-        for layer_id, layer in enumerate(self.layers):
-            query, _, _ = layer(query, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                padding_mask)
-            if kept_index is None:
-                memory = query
-            else:
-                current = _gather_tokens(memory, kept_index)
-                memory = memory.scatter(1, kept_index[..., None].expand_as(query),
-                                        torch.where(writes_back, query, current))
-            if self.class_embed is not None and layer_id < self.num_layers - 1:
-                aux_logits.append(self.class_embed[layer_id](query))
-                aux_boxes.append((proposals_unact + self.bbox_embed[layer_id](query)).sigmoid())
-        out = {"memory": memory}
-        if self.class_embed is not None:
-            out.update(aux_logits=aux_logits, aux_boxes=aux_boxes)
-        return out
+class FlatLevels(NamedTuple):
+    """The L feature levels flattened into S tokens, level after level."""
+    src: Tensor                # [B, S, C] tokens
+    pos: Tensor                # [B, S, C] position encodings plus level embeddings
+    mask: Tensor               # [B, S] True on padding
+    spatial_shapes: Tensor     # [L, 2] (H_l, W_l)
+    level_start_index: Tensor  # [L] first token of each level
+    valid_sizes: Tensor        # [B, L, 2] (w, h) unpadded size of each level, in tokens
+    valid_ratios: Tensor       # [B, L, 2] (w, h) unpadded fraction of each level
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -190,16 +66,19 @@ class DeformableTransformerDecoderLayer(nn.Module):
 class DeformableTransformerDecoder(nn.Module):
     """A stack of decoder layers.
 
-    ``bbox_embed`` (attached by the detector with ``--with_box_refine``) refines the reference boxes
-    after every layer; ``class_embed`` is attached for two-stage, whose proposal head is the last entry.
+    ``bbox_embed`` (the detector's box heads, with box refinement): after layer l, head l turns the
+    layer's output into box logits that are both layer l's predicted boxes and, detached, layer l+1's
+    reference. ``class_embed`` (two-stage) holds the proposal head, the entry after the decoder's own.
     """
 
-    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int):
+    def __init__(self, *, layer: DeformableTransformerDecoderLayer, num_layers: int,
+                 class_embed: Optional[nn.ModuleList] = None, bbox_embed: Optional[nn.ModuleList] = None):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
-        self.class_embed: Optional[nn.ModuleList] = None
-        self.bbox_embed: Optional[nn.ModuleList] = None
+        # Registered after the layers, class heads first: the reference's state-dict order.
+        self.class_embed = class_embed
+        self.bbox_embed = bbox_embed
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
@@ -209,49 +88,64 @@ class DeformableTransformerDecoder(nn.Module):
             tgt, query_pos:   [B, Q, C] query contents and positions.
             reference_points: [B, Q, 2] normalised points or [B, Q, 4] boxes (cxcywh, sigmoid space).
 
-        Returns a dict with ``hs`` [n_layers, B, Q, C], ``references`` [n_layers, B, Q, 2|4] (the
-        reference each layer's output is refined to, detached), ``sampling_locations``
-        [B, n_layers, Q, heads, L, P, 2] and ``attention_weights`` [B, n_layers, Q, heads, L, P].
+        Returns a dict with ``hs`` [n_layers, B, Q, C], ``sampling_locations``
+        [B, n_layers, Q, heads, L, P, 2], ``attention_weights`` [B, n_layers, Q, heads, L, P] and, with
+        ``bbox_embed``, ``box_logits``: every layer's refined boxes [B, Q, 4], not detached. A list, not
+        stacked: the boxes a loss leaves unused leave their heads without a gradient (not a zero one).
         """
-        hs, references, all_locations, all_weights = [], [], [], []
+        hs, box_logits, all_locations, all_weights = [], [], [], []
         ratios = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
         for layer_id, layer in enumerate(self.layers):
             # References are relative to the valid image; the op samples the padded map.
             tgt, locations, weights = layer(tgt, query_pos, reference_points[:, :, None] * ratios[:, None], memory,
                                             spatial_shapes, level_start_index, padding_mask)
+            hs.append(tgt)
             all_locations.append(locations)
             all_weights.append(weights)
             if self.bbox_embed is not None:
-                delta = self.bbox_embed[layer_id](tgt)
-                if reference_points.shape[-1] == 4:
-                    refined = delta + inverse_sigmoid(reference_points)
-                else:
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                reference_points = refined.sigmoid().detach()
+                box_logits.append(refine_box_logits(self.bbox_embed[layer_id](tgt), reference_points))
+                # The next layer starts from these boxes, detached as in the reference implementation.
+                reference_points = box_logits[-1].sigmoid().detach()
                 ratios = torch.cat([valid_ratios, valid_ratios], -1)
-            hs.append(tgt)
-            references.append(reference_points)
-        return {"hs": torch.stack(hs), "references": torch.stack(references),
-                "sampling_locations": torch.stack(all_locations, 1), "attention_weights": torch.stack(all_weights, 1)}
+        out = {"hs": torch.stack(hs), "sampling_locations": torch.stack(all_locations, 1),
+               "attention_weights": torch.stack(all_weights, 1)}
+        if self.bbox_embed is not None:
+            out["box_logits"] = box_logits
+        return out
 
 
 class DeformableTransformer(nn.Module):
     """Encoder + decoder of the Deformable DETR family.
 
-    Variants: ``two_stage`` (queries from the top-scoring encoder proposals), ``eff_query_init``
-    (Efficient DETR: query contents are the selected encoder tokens), ``eff_specific_head``
-    (proposals ranked by their best class score, not a binary score), ``rho`` > 0 (Sparse DETR:
-    the encoder updates only the top ``rho`` fraction of tokens chosen by ``enc_mask_predictor``)
-    and ``use_enc_aux_loss`` (detection heads after every encoder layer but the last).
+    Variants: ``with_box_refine`` (every decoder layer refines the boxes of the one before),
+    ``two_stage`` (queries from the top-scoring encoder proposals), ``eff_query_init`` (Efficient
+    DETR: query contents are the selected encoder tokens), ``eff_specific_head`` (proposals ranked
+    by their best class score, not a binary score), ``rho`` > 0 (Sparse DETR: the encoder updates
+    only the top ``rho`` fraction of tokens chosen by ``enc_mask_predictor``) and
+    ``use_enc_aux_loss`` (detection heads after every encoder layer but the last).
+
+    ``class_embed`` / ``bbox_embed`` are the detector's heads (one per decoder layer, then the
+    two-stage proposal head, then one per encoder layer but the last), needed with ``with_box_refine``,
+    ``two_stage`` or ``use_enc_aux_loss``. The decoder holds every box head (box refinement) and every
+    class head (two-stage), the encoder its own (encoder auxiliary loss), and the detector the same
+    modules: the official checkpoints' layout (``transformer.decoder.class_embed.*``).
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
-                 two_stage: bool = False, two_stage_num_proposals: int = 300, eff_query_init: bool = False,
-                 eff_specific_head: bool = False, rho: float = 0.0, use_enc_aux_loss: bool = False):
+                 with_box_refine: bool = False, two_stage: bool = False, two_stage_num_proposals: int = 300,
+                 eff_query_init: bool = False, eff_specific_head: bool = False, rho: float = 0.0,
+                 use_enc_aux_loss: bool = False, class_embed: Optional[nn.ModuleList] = None,
+                 bbox_embed: Optional[nn.ModuleList] = None):
         super().__init__()
+        if two_stage and not with_box_refine:
+            raise ValueError("a two-stage transformer needs with_box_refine=True: the decoder refines the proposals")
+        if (with_box_refine or use_enc_aux_loss) and (class_embed is None or bbox_embed is None):
+            raise ValueError("with_box_refine, two_stage and use_enc_aux_loss need the detector's class_embed and "
+                             "bbox_embed")
         self.d_model = d_model
+        self.with_box_refine = with_box_refine
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         self.eff_query_init = eff_query_init
@@ -261,14 +155,19 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if rho:
             self.enc_mask_predictor = MaskPredictor(in_dim=d_model, hidden_dim=d_model)
+        layer_args = dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels,
+                          n_heads=nhead)
+        first_encoder_head = num_decoder_layers + int(two_stage)
         self.encoder = DeformableTransformerEncoder(
-            DeformableTransformerEncoderLayer(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout,
-                                              n_levels=num_feature_levels, n_heads=nhead, n_points=enc_n_points),
-            num_encoder_layers)
+            layer=DeformableTransformerEncoderLayer(**layer_args, n_points=enc_n_points),
+            num_layers=num_encoder_layers,
+            class_embed=class_embed[first_encoder_head:] if use_enc_aux_loss else None,
+            bbox_embed=bbox_embed[first_encoder_head:] if use_enc_aux_loss else None)
         self.decoder = DeformableTransformerDecoder(
-            DeformableTransformerDecoderLayer(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout,
-                                              n_levels=num_feature_levels, n_heads=nhead, n_points=dec_n_points),
-            num_decoder_layers)
+            layer=DeformableTransformerDecoderLayer(**layer_args, n_points=dec_n_points),
+            num_layers=num_decoder_layers,
+            class_embed=class_embed if two_stage else None,
+            bbox_embed=bbox_embed if with_box_refine else None)
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -277,11 +176,13 @@ class DeformableTransformer(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(pos_dim)
         else:
             self.reference_points = nn.Linear(d_model, 2)
-        self._reset_parameters()
+        self._reset_parameters(heads=[head for head in (class_embed, bbox_embed) if head is not None])
 
-    def _reset_parameters(self) -> None:
+    def _reset_parameters(self, heads: list[nn.Module]) -> None:
+        """The reference's initialisation; the detector's heads keep the one the detector gave them."""
+        head_parameters = {id(p) for head in heads for p in head.parameters()}
         for p in self.parameters():
-            if p.dim() > 1:
+            if p.dim() > 1 and id(p) not in head_parameters:
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
@@ -290,6 +191,72 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
+
+    # -- the steps of ``forward``, in order
+    def flatten_levels(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]) -> FlatLevels:
+        """L maps [B, C, H_l, W_l], masks [B, H_l, W_l] and position encodings -> one token sequence."""
+        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        pos = [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+               for level, pos in enumerate(pos_embeds)]
+        # The valid size of every level, once: counts for the proposals, fractions for the sampling points.
+        valid_sizes, valid_ratios = [], []
+        for mask in masks:
+            _, h, w = mask.shape
+            valid_h = (~mask[:, :, 0]).sum(1)
+            valid_w = (~mask[:, 0, :]).sum(1)
+            valid_sizes.append(torch.stack([valid_w, valid_h], -1))
+            valid_ratios.append(torch.stack([valid_w.float() / w, valid_h.float() / h], -1))
+        return FlatLevels(src=torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1), pos=torch.cat(pos, 1),
+                          mask=torch.cat([mask.flatten(1) for mask in masks], 1), spatial_shapes=spatial_shapes,
+                          level_start_index=level_start_index, valid_sizes=torch.stack(valid_sizes, 1),
+                          valid_ratios=torch.stack(valid_ratios, 1))
+
+    @staticmethod
+    def token_proposals(levels: FlatLevels) -> tuple[Tensor, Tensor]:
+        """One proposal box per token: its centre and a size of 0.05 * 2^level (Deformable DETR A.4).
+
+        Returns ``proposals_unact`` [B, S, 4] (logits; inf on padding and near the border) and
+        ``valid`` [B, S, 1] (False there). Computed in float32, as the reference.
+        """
+        batch, device = levels.mask.shape[0], levels.mask.device
+        proposals = []
+        for level, (h, w) in enumerate(levels.spatial_shapes.tolist()):
+            grid_y, grid_x = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
+                                            torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
+                                            indexing="ij")
+            grid = torch.stack([grid_x, grid_y], -1)
+            scale = levels.valid_sizes[:, level].view(batch, 1, 1, 2)
+            centres = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
+            sizes = torch.full_like(centres, 0.05 * 2.0 ** level)
+            proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals_unact = torch.log(proposals / (1 - proposals))
+        proposals_unact = proposals_unact.masked_fill(levels.mask.unsqueeze(-1), float("inf"))
+        proposals_unact = proposals_unact.masked_fill(~valid, float("inf"))
+        return proposals_unact, valid
+
+    def project_tokens(self, tokens: Tensor, padding_mask: Tensor, valid: Tensor) -> Tensor:
+        """Zero padded and border tokens, then ``enc_output`` + LayerNorm: the proposal features."""
+        tokens = tokens * (valid & ~padding_mask.unsqueeze(-1)).to(tokens.dtype)
+        return self.enc_output_norm(self.enc_output(tokens))
+
+    def select_sparse_tokens(self, levels: FlatLevels, proposals_valid: Tensor) -> dict:
+        """Sparse DETR: score the backbone tokens and keep the top ``rho`` fraction of each image's valid ones.
+
+        Returns ``backbone_mask_prediction`` [B, S] (the scores; padding at their minimum, as the
+        reference), ``backbone_topk_proposals`` [B, K] (the kept tokens, best first, K the batch's
+        largest count) and ``sparse_token_nums`` [B] int32 (each image's own count).
+        """
+        kept_counts = ((~levels.mask).sum(-1) * self.rho).int() + 1
+        num_kept = min(int(kept_counts.max()), levels.src.shape[1])
+        scores = self.enc_mask_predictor(
+            self.project_tokens(levels.src + levels.pos, levels.mask, proposals_valid)).squeeze(-1)
+        # Padding never wins a place (-inf, where the reference's minimum could tie with a valid token).
+        kept_index = torch.topk(scores.masked_fill(levels.mask, float("-inf")), num_kept, dim=1)[1]
+        return {"backbone_mask_prediction": scores.masked_fill(levels.mask, scores.min()),
+                "backbone_topk_proposals": kept_index, "sparse_token_nums": kept_counts}
 
     @staticmethod
     def proposal_pos_embed(proposals_unact: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0
@@ -300,47 +267,42 @@ class DeformableTransformer(nn.Module):
         pos = proposals_unact.sigmoid()[:, :, :, None] * (2 * math.pi) / dim_t
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
-    @staticmethod
-    def token_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
-        """One proposal box per token: its centre and a size of 0.05 * 2^level (Deformable DETR A.4).
+    def two_stage_queries(self, memory: Tensor, levels: FlatLevels, proposals_unact: Tensor,
+                          proposals_valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Two-stage: every encoded token proposes a box; the ``two_stage_num_proposals`` best become the queries.
 
-        Returns ``proposals_unact`` [B, S, 4] (logits; inf on padding and near the border) and
-        ``valid`` [B, S, 1] (False there). Computed in float32, as the reference.
+        Returns the queries' contents and positions [B, Q, C], their reference boxes [B, Q, 4] (sigmoid,
+        detached) and every token's proposal: class logits [B, S, num_classes], box logits [B, S, 4].
         """
-        batch = padding_mask.shape[0]
-        proposals, start = [], 0
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
-            level_mask = padding_mask[:, start:start + h * w].view(batch, h, w)
-            valid_h = (~level_mask[:, :, 0]).sum(1)
-            valid_w = (~level_mask[:, 0, :]).sum(1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=padding_mask.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=padding_mask.device), indexing="ij")
-            grid = torch.stack([grid_x, grid_y], -1)
-            scale = torch.stack([valid_w, valid_h], 1).view(batch, 1, 1, 2)
-            centres = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
-            sizes = torch.full_like(centres, 0.05 * 2.0 ** level)
-            proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
-            start += h * w
-        proposals = torch.cat(proposals, 1)
-        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-        proposals_unact = torch.log(proposals / (1 - proposals))
-        proposals_unact = proposals_unact.masked_fill(padding_mask.unsqueeze(-1), float("inf"))
-        proposals_unact = proposals_unact.masked_fill(~valid, float("inf"))
-        return proposals_unact, valid
+        features = self.project_tokens(memory, levels.mask, proposals_valid)
+        # The head after the decoder's own scores and regresses the proposals.
+        proposal_class = self.decoder.class_embed[self.decoder.num_layers](features)
+        proposal_unact = proposals_unact + self.decoder.bbox_embed[self.decoder.num_layers](features)
+        objectness = proposal_class.max(-1)[0] if self.eff_specific_head else proposal_class[..., 0]
+        if objectness.shape[1] < self.two_stage_num_proposals:
+            shapes = " + ".join(f"{h}x{w}" for h, w in levels.spatial_shapes.tolist())
+            raise InputError(f"the images give {objectness.shape[1]} tokens ({shapes} over the feature levels), fewer "
+                             f"than the {self.two_stage_num_proposals} two-stage proposals that --num_queries asks "
+                             "for: use larger images (--scales / --val_size; tools/predict.py --size; 800 px on the "
+                             "short side gives about 17,000 tokens) or a lower --num_queries")
+        topk_index = torch.topk(objectness, self.two_stage_num_proposals, dim=1)[1]
+        topk_coords_unact = gather_tokens(proposal_unact, topk_index).detach()
+        pos_trans_out = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact,
+                                                                                   self.d_model // 2)))
+        if self.eff_query_init:  # Efficient DETR: the contents are the selected tokens themselves
+            query_pos, tgt = pos_trans_out, gather_tokens(memory, topk_index)
+        else:
+            query_pos, tgt = pos_trans_out.split(self.d_model, dim=2)
+        return tgt, query_pos, topk_coords_unact.sigmoid(), proposal_class, proposal_unact
 
-    def project_tokens(self, tokens: Tensor, padding_mask: Tensor, valid: Tensor) -> Tensor:
-        """Zero padded and border tokens, then ``enc_output`` + LayerNorm: the proposal features."""
-        tokens = tokens * (valid & ~padding_mask.unsqueeze(-1)).to(tokens.dtype)
-        return self.enc_output_norm(self.enc_output(tokens))
-
-    @staticmethod
-    def valid_ratio(mask: Tensor) -> Tensor:
-        """[B, H, W] padding mask -> [B, 2] valid (w, h) fractions."""
-        _, h, w = mask.shape
-        valid_h = (~mask[:, :, 0]).sum(1)
-        valid_w = (~mask[:, 0, :]).sum(1)
-        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    def learned_queries(self, query_embed: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Deformable DETR's queries: ``query_embed`` [Q, 2C] splits into positions and contents, the
+        same for every image. Returns contents and positions [B, Q, C] and reference points [B, Q, 2],
+        a learned function of the positions."""
+        query_pos, tgt = query_embed.split(self.d_model, dim=1)
+        query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+        tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
+        return tgt, query_pos, self.reference_points(query_pos).sigmoid()
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Optional[Tensor] = None) -> dict:
@@ -350,82 +312,55 @@ class DeformableTransformer(nn.Module):
             query_embed:      [Q, 2C] learned (position, content) queries; None with two-stage.
 
         Returns a dict:
-            hs [n_dec, B, Q, C]; init_reference [B, Q, 2|4]; inter_references [n_dec, B, Q, 2|4];
+            hs [n_dec, B, Q, C]; init_reference [B, Q, 2|4] (the decoder's first reference);
+            with_box_refine: box_logits, n_dec [B, Q, 4], every decoder layer's boxes before the sigmoid;
             spatial_shapes [L, 2]; level_start_index [L]; mask_flatten [B, S];
             sampling_locations_dec [B, n_dec, Q, heads, L, P, 2]; attn_weights_dec [B, n_dec, Q, heads, L, P];
             two-stage: enc_outputs_class [B, S, num_classes], enc_outputs_coord_unact [B, S, 4];
-            rho > 0: backbone_mask_prediction [B, S] (padding at the minimum), backbone_topk_proposals
-            [B, K], sparse_token_nums [B] int32;
+            rho > 0: backbone_mask_prediction [B, S], backbone_topk_proposals [B, K], sparse_token_nums [B];
             use_enc_aux_loss: enc_aux_logits / enc_aux_boxes, lists of [B, K, num_classes] / [B, K, 4].
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage")
-        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
-        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
-        pos_flatten = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
-                                 for level, pos in enumerate(pos_embeds)], 1)
-        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
-        out = {"spatial_shapes": spatial_shapes, "level_start_index": level_start_index, "mask_flatten": mask_flatten}
-
-        # Sparse DETR: score the backbone tokens and keep the top rho fraction of each image's valid ones.
+        levels = self.flatten_levels(srcs, masks, pos_embeds)
+        out = {"spatial_shapes": levels.spatial_shapes, "level_start_index": levels.level_start_index,
+               "mask_flatten": levels.mask}
         # Every token's proposal box depends only on the padding: made once, used by the scoring
         # network, the encoder auxiliary heads and the two-stage proposals.
         if self.rho or self.use_enc_aux_loss or self.two_stage:
-            proposals_unact, proposals_valid = self.token_proposals(mask_flatten, spatial_shapes)
+            proposals_unact, proposals_valid = self.token_proposals(levels)
         kept_index = kept_counts = None
         if self.rho:
-            valid_token_nums = (~mask_flatten).sum(-1)
-            kept_counts = (valid_token_nums * self.rho).int() + 1
-            num_kept = min(int(kept_counts.max()), src_flatten.shape[1])
-            scores = self.enc_mask_predictor(
-                self.project_tokens(src_flatten + pos_flatten, mask_flatten, proposals_valid)).squeeze(-1)
-            # Padding never wins a place (-inf, where the reference's minimum could tie with a valid
-            # token); the reported logits put padding at the minimum, as the reference.
-            kept_index = torch.topk(scores.masked_fill(mask_flatten, float("-inf")), num_kept, dim=1)[1]
-            scores = scores.masked_fill(mask_flatten, scores.min())
-            out.update(backbone_mask_prediction=scores, backbone_topk_proposals=kept_index,
-                       sparse_token_nums=kept_counts)
+            out.update(self.select_sparse_tokens(levels, proposals_valid))
+            kept_index, kept_counts = out["backbone_topk_proposals"], out["sparse_token_nums"]
 
-        encoded = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios, mask_flatten,
-                               kept_index=kept_index, kept_counts=kept_counts,
+        encoded = self.encoder(levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index,
+                               levels.valid_ratios, levels.mask, kept_index=kept_index, kept_counts=kept_counts,
                                proposals_unact=proposals_unact if self.use_enc_aux_loss else None)
         memory = encoded["memory"]
         if self.use_enc_aux_loss:
             out.update(enc_aux_logits=encoded["aux_logits"], enc_aux_boxes=encoded["aux_boxes"])
 
-        batch, _, channels = memory.shape
         if self.two_stage:
-            proposal_features = self.project_tokens(memory, mask_flatten, proposals_valid)
-            # The head after the last decoder one scores and regresses every token's proposal.
-            enc_class = self.decoder.class_embed[self.decoder.num_layers](proposal_features)
-            enc_coord_unact = proposals_unact + self.decoder.bbox_embed[self.decoder.num_layers](proposal_features)
+            tgt, query_pos, reference_points, enc_class, enc_coord_unact = self.two_stage_queries(
+                memory, levels, proposals_unact, proposals_valid)
             out.update(enc_outputs_class=enc_class, enc_outputs_coord_unact=enc_coord_unact)
-            objectness = enc_class.max(-1)[0] if self.eff_specific_head else enc_class[..., 0]
-            topk_index = torch.topk(objectness, self.two_stage_num_proposals, dim=1)[1]
-            topk_coords_unact = _gather_tokens(enc_coord_unact, topk_index).detach()
-            reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact, self.d_model // 2)))
-            if self.eff_query_init:
-                query_pos, tgt = pos_trans_out, _gather_tokens(memory, topk_index)
-            else:
-                query_pos, tgt = pos_trans_out.split(channels, dim=2)
         else:
-            query_pos, tgt = query_embed.split(channels, dim=1)
-            query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
-            tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            tgt, query_pos, reference_points = self.learned_queries(query_embed, memory.shape[0])
 
-        decoded = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                               valid_ratios, mask_flatten)
-        out.update(hs=decoded["hs"], init_reference=reference_points, inter_references=decoded["references"],
+        decoded = self.decoder(tgt, query_pos, reference_points, memory, levels.spatial_shapes,
+                               levels.level_start_index, levels.valid_ratios, levels.mask)
+        out.update(hs=decoded["hs"], init_reference=reference_points,
                    sampling_locations_dec=decoded["sampling_locations"],
                    attn_weights_dec=decoded["attention_weights"])
+        if self.with_box_refine:
+            out["box_logits"] = decoded["box_logits"]
         return out
 
 
-def build_deformable_transformer(args) -> DeformableTransformer:
+def build_deformable_transformer(args, *, class_embed: Optional[nn.ModuleList] = None,
+                                 bbox_embed: Optional[nn.ModuleList] = None) -> DeformableTransformer:
+    """The transformer of ``args``, holding the detector's heads where its variant uses them."""
     return DeformableTransformer(
         d_model=args.hidden_dim,
         nhead=args.nheads,
@@ -436,10 +371,13 @@ def build_deformable_transformer(args) -> DeformableTransformer:
         num_feature_levels=args.num_feature_levels,
         dec_n_points=args.dec_n_points,
         enc_n_points=args.enc_n_points,
+        with_box_refine=args.with_box_refine,
         two_stage=args.two_stage,
         two_stage_num_proposals=args.num_queries,
         eff_query_init=args.eff_query_init,
         eff_specific_head=args.eff_specific_head,
         rho=args.rho,
         use_enc_aux_loss=args.use_enc_aux_loss,
+        class_embed=class_embed,
+        bbox_embed=bbox_embed,
     )

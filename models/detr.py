@@ -11,23 +11,14 @@ from torch import Tensor, nn
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, build_backbone
-from .criterion import PostProcess, SetCriterion, build_weight_dict, output_group_suffixes
-from .deformable_detr import MLP
+from .criterion import SetCriterion, build_weight_dict, output_group_suffixes
+from .heads import MLP, PostProcess, prediction_dict
 from .matcher import build_matcher
 from .transformer import Transformer, build_sdetr_transformers, build_transformer
 
 
 def _as_nested(samples: NestedTensor | list[Tensor] | Tensor) -> NestedTensor:
     return samples if isinstance(samples, NestedTensor) else nested_tensor_from_tensor_list(list(samples))
-
-
-def _prediction_dict(logits: Tensor, boxes: Tensor, aux_loss: bool) -> dict:
-    """[L, B, Q, K] logits and [L, B, Q, 4] boxes -> the output dict of the last layer, with the
-    other layers as ``aux_outputs`` (first to last but one) when ``aux_loss``."""
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-    if aux_loss:
-        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-    return out
 
 
 class DETR(nn.Module):
@@ -44,7 +35,7 @@ class DETR(nn.Module):
         self.num_queries = num_queries
         self.transformer = transformer
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.bbox_embed = MLP(input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=4, num_layers=3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
@@ -63,7 +54,7 @@ class DETR(nn.Module):
         features, pos = self.backbone(_as_nested(samples))
         src, mask = features[-1].tensors, features[-1].mask
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
-        return _prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+        return prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
 
 
 class SDETR(nn.Module):
@@ -88,7 +79,7 @@ class SDETR(nn.Module):
         self.mytransformer1 = transformer1
         self.mytransformer2 = transformer2
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.bbox_embed = MLP(input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=4, num_layers=3)
         self.query_embed1 = nn.Embedding(num_queries, hidden_dim)
         self.query_embed2 = nn.Embedding(num_queries, hidden_dim)
         c4_channels, c5_channels = backbone.num_channels
@@ -117,28 +108,33 @@ class SDETR(nn.Module):
         hs2 = self.mytransformer2(self.input_proj2(c4.tensors), c4.mask, self.query_embed2.weight, pos4,
                                   tgt=hs1[-1])[0]
         hs = torch.cat([hs1, hs2])
-        return _prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+        return prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
 
 
-def _criterion(args, num_decoder_outputs: int) -> SetCriterion:
+def build_detr_criterion(args, *, num_decoder_outputs: int) -> SetCriterion:
+    """DETR's and SDETR's criterion: softmax cross-entropy (no-object weight ``--eos_coef``) and box
+    losses on each of the ``num_decoder_outputs`` decoder outputs (the last, and the others with aux loss)."""
     suffixes = output_group_suffixes(num_decoder_layers=num_decoder_outputs, aux_loss=args.aux_loss)
     weight_dict = build_weight_dict(suffixes, cls=args.cls_loss_coef, bbox=args.bbox_loss_coef,
                                     giou=args.giou_loss_coef)
-    return SetCriterion(num_classes=args.num_classes, matcher=build_matcher(args), weight_dict=weight_dict,
-                        focal=False, eos_coef=args.eos_coef)
+    return SetCriterion(num_classes=args.num_classes, matcher=build_matcher(args, focal=False),
+                        weight_dict=weight_dict, focal=False, eos_coef=args.eos_coef)
 
 
 def build_detr(args, *, load_backbone_weights: bool = True) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """DETR, its criterion (softmax cross-entropy, no-object weight ``--eos_coef``) and post-processing."""
     transformer = build_transformer(args)
-    model = DETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer=transformer, num_classes=args.num_classes,
-                 num_queries=args.num_queries, aux_loss=args.aux_loss)
-    return model, _criterion(args, transformer.decoder.num_layers), {"bbox": PostProcess(focal=False)}
+    model = DETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer=transformer,
+                 num_classes=args.num_classes, num_queries=args.num_queries, aux_loss=args.aux_loss)
+    criterion = build_detr_criterion(args, num_decoder_outputs=transformer.decoder.num_layers)
+    return model, criterion, {"bbox": PostProcess(focal=False)}
 
 
 def build_sdetr(args, *, load_backbone_weights: bool = True) -> tuple[SDETR, SetCriterion, dict[str, nn.Module]]:
     """SDETR, its criterion (as DETR's, over all decoder outputs of both stages) and post-processing."""
     transformer1, transformer2 = build_sdetr_transformers(args)
-    model = SDETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer1=transformer1, transformer2=transformer2,
-                  num_classes=args.num_classes, num_queries=args.num_queries, aux_loss=args.aux_loss)
-    return model, _criterion(args, model.num_decoder_outputs), {"bbox": PostProcess(focal=False)}
+    model = SDETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer1=transformer1,
+                  transformer2=transformer2, num_classes=args.num_classes, num_queries=args.num_queries,
+                  aux_loss=args.aux_loss)
+    criterion = build_detr_criterion(args, num_decoder_outputs=model.num_decoder_outputs)
+    return model, criterion, {"bbox": PostProcess(focal=False)}

@@ -71,6 +71,7 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
-def build_matcher(args) -> HungarianMatcher:
+def build_matcher(args, *, focal: bool) -> HungarianMatcher:
+    """The matcher of the ``--set_cost_*`` weights; ``focal`` for the sigmoid classifiers (Deformable family)."""
     return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou,
-                            focal=args.model == "deformable")
+                            focal=focal)

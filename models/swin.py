@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from util.errors import InputError
 from util.misc import NestedTensor
+
+from .backbone_common import check_weights_fit, masked_map
 
 logger = logging.getLogger(__name__)
 
@@ -256,15 +257,11 @@ class SwinBackbone(nn.Module):
     def load_imagenet_weights(self, state_dict: Mapping[str, Tensor], source: str) -> None:
         weights = official_swin_state_dict(state_dict)
         own = self.body.state_dict()
+        # The per-output norms are the detector's own; the index is derived from the window size.
         optional = re.compile(r"norm\d\.(weight|bias)$|.*\.relative_position_index$")
-        missing = [k for k in own if k not in weights and not optional.match(k)]
-        reshaped = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-                    for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-        if missing or reshaped:
-            raise InputError(f"{source} does not hold {type(self).__name__} weights of this size: "
-                             f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(reshaped)} of another "
-                             f"shape (e.g. {reshaped[:2]}). Pass the weights of the --backbone you chose (e.g. "
-                             "swin_tiny_patch4_window7_224.pth for swin_tiny) with --backbone_weights.")
+        check_weights_fit(own, weights, what=f"{source} does not hold {type(self).__name__} weights of this size",
+                          fix="Pass the weights of the --backbone you chose (e.g. swin_tiny_patch4_window7_224.pth "
+                              "for swin_tiny) with --backbone_weights.", optional=optional.match)
         ignored = [k for k in weights if k not in own]
         if ignored:
             logger.info("%s: ignoring %d tensors the detector has no use for (e.g. %s)", source, len(ignored),
@@ -272,9 +269,6 @@ class SwinBackbone(nn.Module):
         self.body.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
     def forward(self, images: NestedTensor) -> list[NestedTensor]:
-        out = []
-        for x in self.body(images.tensors):
-            mask = F.interpolate(images.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-            out.append(NestedTensor(x, mask))
-        return out
+        """The returned stages' maps [B, C_l, H_l, W_l] with their padding masks [B, H_l, W_l]."""
+        return [masked_map(x, images.mask) for x in self.body(images.tensors)]
 

@@ -14,12 +14,9 @@ from models.swin import SwinBackbone, shifted_window_mask
 from util.misc import nested_tensor_from_tensor_list
 
 from test_checkpoint_layouts import read_layout
+from tiny_flags import BACKBONES_SPARSE_DETR as SPARSE_DETR, BACKBONES_TINY as TINY
 
-SPARSE_DETR = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.1",
-               "--use_enc_aux_loss"]
 SWIN = ["--device", "cpu", "--backbone", "swin_tiny"]
-TINY = ["--hidden_dim", "64", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--dim_feedforward", "64",
-        "--num_queries", "10", "--num_feature_levels", "2", "--num_classes", "5", "--device", "cpu"]
 # Parameters the reference freezes with ImageNet weights: patch embedding, stage 1 and its patch merging.
 SWIN_T_EARLY_PARAMETERS = 304086
 

@@ -246,14 +246,14 @@ def test_no_readable_image_at_all(tmp_path):
 
 
 def test_image_size_differing_from_the_json_is_warned(tmp_path, caplog):
-    ann_file = write_split(tmp_path, "val", [image(1, width=30, height=40), image(2)], [])
+    ann_file = write_split(tmp_path, "val", [image(1, width=30, height=40), image(2)], [box(2, [1, 1, 5, 5])])
     caplog.set_level(logging.WARNING)
     dataset = CocoDetection(tmp_path / "val2017", ann_file)
     dataset[0], dataset[1]
     assert warnings(caplog) == [
         f"{ann_file}: image 000000000001.png: 40x30 on disk, 30x40 in the JSON: its boxes may not fit the picture "
         '(a resized or rotated file?); fix "width"/"height" and the boxes or restore the original file '
-        "(tools/check_dataset.py lists all such images)"]
+        "(tools/check_dataset.py lists all such images; --strict_data makes this an error)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +459,7 @@ def test_check_dataset_summary_and_problems(tmp_path, capsys):
         f"    images that cannot be decoded: 1 (e.g. {name[1]}: {pil_error(folder / name[1])}); skipped when loaded "
         "(the next image is used)",
         f'    images whose size differs from their "width"/"height": 1 (e.g. {name[2]}: 16x32 on disk, 32x32 in the '
-        "JSON); boxes are clipped to the real size and may not fit the picture",
+        "JSON); boxes are clipped to the real size and may not fit the picture (--strict_data: an error)",
         f"    category id 9 in {ann_file} is >= num_classes=4 (all offending ids: [9]); the classifier has no output "
         "for it. Pass --num_classes 91 (max category id + 1, or 91 for standard COCO ids) or fix the annotation "
         "file.",

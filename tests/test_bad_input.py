@@ -12,11 +12,8 @@ import main
 from main import parse_args
 from models import build_model
 from tools.make_synthetic_coco import make_synthetic_coco
+from tiny_flags import BAD_INPUT_TINY as TINY, BAD_INPUT_SPARSE as SPARSE
 
-TINY = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 1 --dec_layers 1 "
-        "--dim_feedforward 64 --num_queries 10 --num_feature_levels 3 --enc_n_points 2 --dec_n_points 2 "
-        "--num_classes 4 --batch_size 2 --num_workers 0 --device cpu --scales 64 --val_size 64 --max_size 64").split()
-SPARSE = ["--with_box_refine", "--two_stage", "--rho", "0.3", "--use_enc_aux_loss"]
 
 
 @pytest.fixture(scope="module")

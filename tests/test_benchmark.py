@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from tools import benchmark
+from tiny_flags import BENCHMARK_TINY as TINY
 
-# ResNet-18 frozen (no backbone backward or optimiser state), a one-layer 32-wide transformer, 64x96 images.
-TINY = ("--backbone resnet18 --lr_backbone 0 --hidden_dim 32 --nheads 2 --enc_layers 1 --dec_layers 1 "
-        "--dim_feedforward 32 --num_queries 10 --num_classes 5 --num_feature_levels 2")
 # --system_malloc: keep_freed_memory would change this test process's malloc for the tests after it.
 QUICK = ["--device", "cpu", "--system_malloc", "--height", "64", "--width", "96", "--warmup", "0", "--repeats", "1",
          "--batch_sizes", "1", "2", "--train_batch_size", "1", "--model_args", TINY]

@@ -22,18 +22,13 @@ from main import parse_args
 from models import build_model
 from tools.make_synthetic_coco import make_synthetic_coco
 from util.misc import nested_tensor_from_tensor_list
+from tiny_flags import DISTRIBUTED_TINY_SPARSE as TINY_SPARSE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with the gloo backend")
 
-# A tiny Sparse DETR (every loss group: decoder, auxiliary decoder, two-stage proposals, encoder auxiliary,
-# scoring network), no dropout so that the two runs see the same function.
-TINY_SPARSE = ("--device cpu --backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 2 "
-               "--dec_layers 2 --dim_feedforward 64 --num_queries 8 --num_feature_levels 3 --enc_n_points 2 "
-               "--dec_n_points 2 --num_classes 4 --dropout 0 --with_box_refine --two_stage --eff_query_init "
-               "--eff_specific_head --rho 0.3 --use_enc_aux_loss --lr_backbone 1e-5").split()
 WORLD_SIZE = 2
 IMAGES_PER_PROCESS = 2
 BOXES_PER_IMAGE = (1, 2, 3, 4)  # rank 0 holds 3 boxes, rank 1 7: the loss normaliser must be the global mean

@@ -21,15 +21,9 @@ from datasets import build_dataset
 from main import parse_args
 from models import build_model
 from tools.make_synthetic_coco import make_synthetic_coco
+from tiny_flags import ENGINE_TINY as TINY, ENGINE_SPARSE_DETR as SPARSE_DETR
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny Deformable DETR on 64-pixel images; the frozen backbone (--lr_backbone 0) keeps the steps cheap.
-TINY = ("--model deformable --backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 2 --enc_layers 1 "
-        "--dec_layers 1 --dim_feedforward 64 --num_queries 10 --num_feature_levels 3 --enc_n_points 2 "
-        "--dec_n_points 2 --num_classes 4 --batch_size 2 --num_workers 0 --device cpu --lr_scaling none "
-        "--scales 64 --val_size 64 --max_size 64 --lr_backbone 0 --log_every 2").split()
-SPARSE_DETR = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.3",
-               "--use_enc_aux_loss", "--enc_layers", "2"]
 
 
 @pytest.fixture(scope="module")

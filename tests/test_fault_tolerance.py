@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import engine
+import epochs
 import runner
 import main
 from main import parse_args
@@ -507,7 +508,7 @@ def test_resume_auto_reads_past_a_damaged_log_and_says_when_the_run_is_finished(
     caplog.set_level(logging.INFO)
     runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
     assert "log.txt: skipped 2 lines that are not JSON records (lines 2, 3)" in caplog.text
-    assert [r["epoch"] for r in runner.read_log_records(out / "log.txt")] == [0, 1]
+    assert [r["epoch"] for r in epochs.read_log_records(out / "log.txt")] == [0, 1]
     caplog.clear()
     main.main(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))  # exit status 0
     assert f"{out / 'checkpoint.pth'} is a finished run (2 epochs of 2): nothing to train" in caplog.text

@@ -4,10 +4,9 @@ import torch
 
 from main import get_args_parser, validate_args
 from models import build_model
+from tiny_flags import DETR_TINY as TINY
 
 NUM_CLASSES = 5
-TINY = ["--device", "cpu", "--backbone_from_scratch", "--backbone", "resnet18", "--hidden_dim", "32",
-        "--dim_feedforward", "64", "--num_queries", "6", "--num_classes", str(NUM_CLASSES)]
 TINY_MODEL = {
     "detr": ["--enc_layers", "2", "--dec_layers", "3", "--nheads", "4"],
     "sdetr": ["--sdetr_stage1_enc_layers", "1", "--sdetr_stage1_dec_layers", "2", "--sdetr_stage1_enc_heads", "4",
@@ -95,9 +94,8 @@ def test_backbone_levels_per_model():
     deformable_args = validate_args(get_args_parser().parse_args(
         ["--device", "cpu", "--backbone_from_scratch", "--backbone", "resnet18"]))
     from models.backbone import backbone_layers
-    assert backbone_layers(deformable_args) == (2, 3, 4)
-    deformable_args.num_feature_levels = 1
-    assert backbone_layers(deformable_args) == (4,)
+    assert backbone_layers(deformable_args.model, deformable_args.num_feature_levels) == (2, 3, 4)
+    assert backbone_layers(deformable_args.model, 1) == (4,)
 
 
 def test_sdetr_stage_defaults_are_the_reference():

@@ -5,11 +5,8 @@ import torch
 from main import parse_args
 from models import build_model
 from util.misc import nested_tensor_from_tensor_list
+from tiny_flags import MODELS_TINY as TINY, MODELS_SPARSE as SPARSE
 
-TINY = ["--device", "cpu", "--backbone", "resnet18", "--backbone_from_scratch", "--hidden_dim", "64",
-        "--nheads", "2", "--enc_layers", "2", "--dec_layers", "2", "--dim_feedforward", "32",
-        "--num_queries", "8", "--dropout", "0", "--num_classes", "5", "--enc_n_points", "2", "--dec_n_points", "2"]
-SPARSE = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--use_enc_aux_loss"]
 VARIANTS = {
     "deformable": [],
     "refine": ["--with_box_refine"],
@@ -135,3 +132,13 @@ def test_every_loss_and_matching_coefficient_flag_reaches_the_criterion():
     matcher = criterion.matcher
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (1.25, 2.5, 0.75)
     assert criterion.focal_alpha == 0.3
+
+
+def test_more_two_stage_queries_than_tokens_is_a_clear_error():
+    """64-pixel images give 85 tokens over 4 levels: the default 300 two-stage queries cannot be chosen."""
+    from util.errors import InputError
+    model, _, _ = build_model(parse_args([*TINY, *SPARSE, "--rho", "0.1", "--num_queries", "300"]))
+    samples, _ = make_batch(sizes=((64, 64), (64, 48)))
+    with pytest.raises(InputError, match=r"the images give \d+ tokens \(8x8 \+ 4x4 \+ 2x2 \+ 1x1 over the feature "
+                                         r"levels\), fewer than the 300 two-stage proposals"):
+        model(samples)

@@ -8,10 +8,8 @@ import torch
 
 from main import parse_args
 from models import build_model
+from tiny_flags import PREDICT_TINY as TINY
 
-TINY = ["--backbone", "resnet18", "--backbone_from_scratch", "--hidden_dim", "64", "--nheads", "2",
-        "--enc_layers", "1", "--dec_layers", "1", "--dim_feedforward", "64", "--num_queries", "10",
-        "--num_feature_levels", "2", "--num_classes", "5", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +92,50 @@ def test_predict_threshold_official_checkpoint_flags_and_category_names(checkpoi
     assert len(category_names(91, None)) == 80 and category_names(5, None) == {}
 
 
+def _predict_args(checkpoint, *inputs, out) -> list[str]:
+    return ["--resume", str(checkpoint / "checkpoint.pth"), *map(str, inputs), "--out", str(out), "--threshold", "0",
+            "--size", "64", "--max_size", "96", "--device", "cpu"]
+
+
+def test_predict_skips_an_unreadable_image_and_writes_the_others(checkpoint, tmp_path, caplog):
+    from tools.predict import main as predict
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    PIL.Image.new("RGB", (60, 40), (200, 40, 40)).save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"not a JPEG")
+    PIL.Image.new("RGB", (40, 60), (40, 200, 40)).save(folder / "c.png")
+    out = tmp_path / "preds"
+    results = predict([*_predict_args(checkpoint, folder, out=out), "--batch_size", "2"])
+    assert {d["file_name"]: d["image_id"] for d in results} == {"a.jpg": 1, "c.png": 3}
+    assert json.loads((out / "detections.json").read_text()) == results
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "detections.json"]
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert message.startswith(f"cannot read image {folder / 'b.jpg'} (") and message.endswith(
+        "): skipped, no detections or PNG for it")
+    with pytest.raises(SystemExit, match=r"^none of the 1 images can be read \(see the warnings\): nothing written"):
+        predict(_predict_args(checkpoint, folder / "b.jpg", out=tmp_path / "none"))
+    assert not (tmp_path / "none" / "detections.json").exists()
+
+
+def test_predict_refuses_an_out_folder_in_the_inputs_and_never_overwrites_an_input(checkpoint, tmp_path):
+    from tools.predict import main as predict
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    PIL.Image.new("RGB", (60, 40), (200, 40, 40)).save(folder / "a.png")
+    original = (folder / "a.png").read_bytes()
+    for out, where in ((folder, "the input folder"), (folder / "sub" / "preds", "inside the input folder")):
+        with pytest.raises(SystemExit) as info:
+            predict(_predict_args(checkpoint, folder, out=out))
+        assert str(info.value) == (f"--out {out} is {where} {folder}: the PNGs written there could overwrite its images; "
+                                   "choose an --out folder outside the input folders")
+    # The file itself as input, --out its folder: its PNG gets another name.
+    predict(_predict_args(checkpoint, folder / "a.png", out=folder))
+    assert (folder / "a.png").read_bytes() == original
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_1.png", "detections.json", "sub"]
+
+
 def _write_log(folder, ap_offset):
     folder.mkdir(parents=True)
     lines = []
@@ -124,3 +166,43 @@ def test_plot_logs_writes_a_png(tmp_path):
     assert run_labels([tmp_path / "rho_0.1", tmp_path / "rho_0.3"]) == ["rho_0.1", "rho_0.3"]
     with pytest.raises(SystemExit, match="no log.txt"):
         plot_logs([str(tmp_path), "--out", str(out)])
+
+
+BAD_LOGS = {
+    "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe", "{path} is not a text log (byte 0 is not UTF-8): give a run folder or its "
+               "log.txt, one JSON object per epoch"),
+    "null_lines": (b"null\nnull\n", '{path} holds no epoch record (a JSON object with an integer "epoch" per line): '
+                   "is it the log.txt of a training run?"),
+    "no_records": (b'{"train_loss": 1}\n[1, 2]\nnot json\n{"epoch": "one"}\n',
+                   '{path} holds no epoch record (a JSON object with an integer "epoch" per line): is it the log.txt '
+                   "of a training run?"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LOGS)
+def test_plot_logs_with_a_bad_log_gives_one_line(tmp_path, case):
+    from tools.plot_logs import main as plot_logs
+
+    content, message = BAD_LOGS[case]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as info:
+        plot_logs([str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")])
+    assert str(info.value) == message.format(path=tmp_path / "run" / "log.txt")
+
+
+def test_plot_logs_skips_bad_lines_with_one_warning_and_checks_the_out_extension(tmp_path, caplog, capsys):
+    from tools.plot_logs import main as plot_logs
+
+    _write_log(tmp_path / "run", 0.0)
+    with (tmp_path / "run" / "log.txt").open("a") as f:
+        f.write('null\n{"epoch": null}\n')
+    out = plot_logs([str(tmp_path / "run"), "--out", str(tmp_path / "curves")])
+    assert out == tmp_path / "curves.png" and out.is_file()
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'curves.png'}\n"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f'{tmp_path / "run" / "log.txt"}: 2 lines are not JSON objects with an integer "epoch", skipped (e.g. line 6, 7)']
+    with pytest.raises(SystemExit) as info:
+        plot_logs([str(tmp_path / "run"), "--out", str(tmp_path / "curves.xyz")])
+    assert str(info.value).startswith(f"--out {tmp_path / 'curves.xyz'}: cannot write '.xyz' images; use one of ")
+    assert str(info.value).endswith(" (e.g. .png)") and ".png, " in str(info.value)

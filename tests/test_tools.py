@@ -1,5 +1,6 @@
 """Command-line tools on tiny random models."""
 import PIL.Image
+import pytest
 import torch
 
 from main import parse_args
@@ -16,11 +17,33 @@ def test_visualize_sparsity_writes_a_png(tmp_path):
     model, _, _ = build_model(args)
     torch.save({"model": model.state_dict(), "args": args}, tmp_path / "checkpoint.pth")
     PIL.Image.new("RGB", (80, 60), (120, 30, 200)).save(tmp_path / "image.jpg")
-    out = tmp_path / "sparsity.png"
+    out = tmp_path / "new_folder" / "sparsity.png"  # a missing folder is created
     visualize(["--resume", str(tmp_path / "checkpoint.pth"), "--image", str(tmp_path / "image.jpg"),
                "--out", str(out), "--size", "64", "--max_size", "96"])
     with PIL.Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_visualize_sparsity_with_a_bad_image_or_out_gives_one_line(tmp_path):
+    from tools.visualize_sparsity import main as visualize
+
+    (tmp_path / "checkpoint.pth").write_bytes(b"never loaded: the inputs are checked first")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
+    cases = {
+        "notes.jpg": f"cannot read image {tmp_path / 'notes.jpg'} (cannot identify image file "
+                     f"{str(tmp_path / 'notes.jpg')!r}): give an image file PIL can decode (JPEG, PNG, ...)",
+        ".": f"--image {tmp_path / '.'} is a folder: give a file",
+        "missing.jpg": f"file not found: {tmp_path / 'missing.jpg'}",
+    }
+    for name, message in cases.items():
+        with pytest.raises(SystemExit) as info:
+            visualize(["--resume", str(tmp_path / "checkpoint.pth"), "--image", str(tmp_path / name),
+                       "--out", str(tmp_path / "out.png")])
+        assert str(info.value) == message
+    with pytest.raises(SystemExit, match=r"^--out .*out.bmpx: cannot write '.bmpx' images; use one of "):
+        visualize(["--resume", str(tmp_path / "checkpoint.pth"), "--image", str(tmp_path / "image.png"),
+                   "--out", str(tmp_path / "out.bmpx")])
 
 
 def test_demo_report_writes_curves_and_predictions(tmp_path):

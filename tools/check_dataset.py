@@ -6,8 +6,8 @@
 Per split it prints the numbers of images, annotations and images without annotations, the boxes per
 category, then each kind of problem with its count and first examples: the checks of training
 (datasets/coco_checks.py: missing files, bad boxes, undeclared categories, ...) plus every image decoded with
-PIL (unreadable files, sizes that differ from the JSON's "width"/"height") and, with --num_classes,
-category ids the classifier cannot predict.
+PIL (unreadable files, sizes that differ from the JSON's "width"/"height", EXIF rotations, 16-bit or float
+pixels), negative category ids and, with --num_classes, category ids the classifier cannot predict.
 
 Exit status: 0 no problem, 1 problems found, 2 unusable input (missing folder or file, not COCO).
 """
@@ -21,32 +21,40 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.coco import (  # noqa: E402
-    UNREADABLE_IMAGE_ERRORS, check_split_paths, open_rgb_image, size_mismatch, split_paths,
-)
+from datasets.coco import check_split_paths, split_paths  # noqa: E402
 from datasets.coco_checks import (  # noqa: E402
-    Finding, clean_annotations, make_findings, num_classes_for, num_classes_problem, read_annotation_file,
+    Finding, clean_annotations, make_findings, negative_category_problem, num_classes_for, num_classes_problem,
+    read_annotation_file,
 )
+from datasets.images import UNREADABLE_IMAGE_ERRORS, decode_image, exif_rotation, size_mismatch  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
 
 def image_findings(dataset: dict, img_folder: Path) -> list[Finding]:
-    """Decode every image of ``dataset``: files PIL cannot read, and sizes that differ from the JSON's."""
-    unreadable, resized = [], []
+    """Decode every image of ``dataset``: files PIL cannot read, sizes that differ from the JSON's, EXIF
+    rotations (never applied) and 16-bit or float pixels (scaled to 8 bits)."""
+    unreadable, resized, rotated, scaled = [], [], [], []
     for info in dataset["images"]:
         try:
-            image = open_rgb_image(img_folder / info["file_name"])
+            decoded = decode_image(img_folder / info["file_name"])
         except UNREADABLE_IMAGE_ERRORS as err:
             unreadable.append(f'{info["file_name"]}: {err}')
             continue
-        mismatch = size_mismatch(info, image)
-        if mismatch:
-            resized.append(mismatch)
+        for found, problem in ((resized, size_mismatch(info, decoded.image)),
+                               (rotated, exif_rotation(info["file_name"], decoded.orientation)),
+                               (scaled, decoded.scaling and f'{info["file_name"]}: {decoded.scaling}')):
+            if problem:
+                found.append(problem)
     return [
         *make_findings("images that cannot be decoded", unreadable, str,
                        "skipped when loaded (the next image is used)"),
         *make_findings('images whose size differs from their "width"/"height"', resized, str,
-                       "boxes are clipped to the real size and may not fit the picture"),
+                       "boxes are clipped to the real size and may not fit the picture (--strict_data: an error)"),
+        *make_findings("images with an EXIF rotation (orientation tag 274 not 1)", rotated, str,
+                       "the stored pixels are used, the rotation ignored, as COCO does: the boxes must be drawn on the "
+                       "stored pixels (--strict_data: an error)"),
+        *make_findings("images with 16-bit or float pixels", scaled, str,
+                       "scaled to 8 bits per channel by the rule shown (datasets/images.py)"),
     ]
 
 
@@ -68,9 +76,9 @@ def split_report(coco_path: str, split: str, num_classes: Optional[int]) -> tupl
     ]
     problems = [str(finding) for finding in clean_annotations(dataset, img_folder)]
     problems += [str(finding) for finding in image_findings(dataset, img_folder)]
-    too_few_classes = num_classes_problem(dataset, num_classes, ann_file) if num_classes is not None else None
-    if too_few_classes:
-        problems.append(too_few_classes)
+    problems += [problem for problem in (
+        negative_category_problem(dataset, ann_file),
+        num_classes_problem(dataset, num_classes, ann_file) if num_classes is not None else None) if problem]
     lines += ["  problems:", *(f"    {p}" for p in problems)] if problems else ["  problems: none"]
     return lines, len(problems)
 

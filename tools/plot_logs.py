@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,6 +22,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def log_path(run: str | Path) -> Path:
@@ -30,22 +33,52 @@ def log_path(run: str | Path) -> Path:
 
 
 def read_log(run: str | Path) -> list[dict[str, Any]]:
-    """The epoch records of a run, one per epoch (the last one written wins, as after a resume), by epoch."""
+    """The epoch records of a run, one per epoch (the last one written wins, as after a resume), by epoch.
+
+    Lines that are not JSON objects with an integer ``epoch`` are skipped with one warning; SystemExit if the
+    file is missing, is not text, or holds no epoch record at all."""
     path = log_path(run)
     if not path.is_file():
         raise SystemExit(f"no log.txt in {run}" if Path(run).is_dir() else f"log not found: {run}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"{path} is not a text log (byte {err.start} is not UTF-8): give a run folder or its "
+                         "log.txt, one JSON object per epoch") from None
     records: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    skipped = []
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: not JSON, skipped")
-            continue
-        if isinstance(record, dict) and "epoch" in record:
-            records[int(record["epoch"])] = record
+            record = None
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            records[epoch] = record
+        else:
+            skipped.append(number)
+    if not records:
+        raise SystemExit(f"{path} holds no epoch record (a JSON object with an integer \"epoch\" per line): is it "
+                         "the log.txt of a training run?")
+    if skipped:
+        logger.warning("%s: %d lines are not JSON objects with an integer \"epoch\", skipped (e.g. line %s)", path,
+                       len(skipped), ", ".join(map(str, skipped[:3])))
     return [records[epoch] for epoch in sorted(records)]
+
+
+def figure_path(out: str | Path) -> Path:
+    """``out`` with ".png" appended when it has no extension; SystemExit if matplotlib cannot write its
+    extension."""
+    out = Path(out)
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in supported:
+        raise SystemExit(f"--out {out}: cannot write {out.suffix!r} images; use one of "
+                         f"{', '.join('.' + kind for kind in sorted(supported))} (e.g. .png)")
+    return out
 
 
 def run_labels(runs: Sequence[str | Path]) -> list[str]:
@@ -68,7 +101,9 @@ def _series(records: Sequence[dict[str, Any]], key: str, index: Optional[int] = 
 
 
 def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ()) -> Path:
-    """Write the PNG ``out`` comparing ``runs``; returns its path."""
+    """Write the image ``out`` comparing ``runs`` (".png" appended to a name without extension); returns its
+    path."""
+    out = figure_path(out)
     logs = [read_log(run) for run in runs]
     labels = run_labels(runs)
     panels: list[tuple[str, list[tuple[str, Optional[int], str]]]] = [
@@ -104,7 +139,6 @@ def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] =
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -114,7 +148,8 @@ def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] =
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their log.txt files)")
-    parser.add_argument("--out", required=True, metavar="PNG", help="image to write")
+    parser.add_argument("--out", required=True, metavar="PNG",
+                        help="image to write (.png appended to a name without extension)")
     parser.add_argument("--keys", nargs="*", default=[], metavar="KEY",
                         help="more train_/test_ values to plot, one panel each (e.g. loss_ce class_error)")
     args = parser.parse_args(argv)

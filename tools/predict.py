@@ -16,11 +16,15 @@ of ``--batch_size``. ``DIR/detections.json`` lists every detection scoring at le
 ``--categories`` annotation file when it lists the file, else its position in the input (from 1).
 ``DIR/<image name>.png`` draws the same detections with class names: COCO's for 91-class models, those of
 ``--categories`` (a COCO-format annotation JSON) when given, the category ids otherwise.
+
+An image that cannot be decoded is skipped with a warning (the others are written). ``--out`` may not be an
+input folder or inside one, and an input file is never overwritten (its PNG gets a ``_<n>`` suffix).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -32,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from main import backbone_name, get_args_parser, parse_args, validate_args  # noqa: E402
 from models import build_model, checkpoint_mismatch_causes  # noqa: E402
@@ -39,6 +44,8 @@ from util.checkpoint import CheckpointMismatchError, load_checkpoint, load_model
 from util.errors import InputError  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.process import keep_freed_memory  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -154,16 +161,62 @@ def draw_detections(image: PIL.Image.Image, detections: Sequence[Mapping[str, An
     canvas.save(out, format="PNG")
 
 
+def check_out_dir(out_dir: Path, inputs: Sequence[str], images: Sequence[Path]) -> None:
+    """SystemExit if ``out_dir`` is an input folder or inside one (its PNGs could overwrite the inputs, and be read
+    as inputs by the next run), or if ``out_dir/detections.json`` is an input."""
+    out = out_dir.resolve()
+    for item in inputs:
+        folder = Path(item).resolve()
+        if Path(item).is_dir() and (out == folder or folder in out.parents):
+            where = "the input folder" if out == folder else "inside the input folder"
+            raise SystemExit(f"--out {out_dir} is {where} {item}: the PNGs written there could overwrite its images; "
+                             "choose an --out folder outside the input folders")
+    if out / "detections.json" in {image.resolve() for image in images}:
+        raise SystemExit(f"--out {out_dir} would overwrite the input {out / 'detections.json'}: choose another --out")
+
+
 def _png_paths(images: Sequence[Path], out_dir: Path) -> list[Path]:
-    """``out_dir/<stem>.png``, with ``_<n>`` appended where two inputs share a stem."""
+    """``out_dir/<stem>.png``, with ``_<n>`` appended where two inputs share a stem or where the name is one of the
+    input files (an input is never overwritten)."""
+    inputs = {image.resolve() for image in images}
     paths, used = [], set()
     for image in images:
         name, n = image.stem, 1
-        while name in used:
+        while name in used or (out_dir / f"{name}.png").resolve() in inputs:
             name, n = f"{image.stem}_{n}", n + 1
         used.add(name)
         paths.append(out_dir / f"{name}.png")
     return paths
+
+
+def readable_images(paths: Sequence[Path], skipped: list[Path]) -> list[tuple[int, PIL.Image.Image]]:
+    """``(index in paths, RGB 8-bit image)`` of the ``paths`` that can be decoded; the others are logged and
+    appended to ``skipped``."""
+    readable = []
+    for index, path in enumerate(paths):
+        try:
+            readable.append((index, open_rgb_image(path)))
+        except UNREADABLE_IMAGE_ERRORS as err:
+            skipped.append(path)
+            logger.warning("cannot read image %s (%s): skipped, no detections or PNG for it", path, err)
+    return readable
+
+
+def image_detections(dets: Mapping[str, torch.Tensor], image: PIL.Image.Image, file_name: str, image_id: int,
+                     threshold: float) -> list[dict[str, Any]]:
+    """The detections of one image scoring at least ``threshold``, best first, as COCO results with the
+    ``file_name``: ``bbox`` ``[x, y, w, h]`` clipped to the image, in its pixels."""
+    image_dets = []
+    for score, label, box in zip(dets["scores"].tolist(), dets["labels"].tolist(), dets["boxes"].tolist()):
+        if score < threshold:
+            continue
+        x0, y0 = max(0.0, box[0]), max(0.0, box[1])
+        x1, y1 = min(float(image.width), box[2]), min(float(image.height), box[3])
+        image_dets.append({"image_id": image_id, "file_name": file_name, "category_id": int(label),
+                           "bbox": [round(x0, 2), round(y0, 2), round(max(0.0, x1 - x0), 2),
+                                    round(max(0.0, y1 - y0), 2)],
+                           "score": round(float(score), 5)})
+    return sorted(image_dets, key=lambda d: -d["score"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
@@ -201,41 +254,36 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             raise SystemExit(f"--categories {args.categories}: no such file")
         annotations = json.loads(Path(args.categories).read_text())
     images = find_images(args.inputs)
+    out_dir = Path(args.out)
+    check_out_dir(out_dir, args.inputs, images)
     model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint)
     names = category_names(model_args_.num_classes, annotations)
     image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
     transform = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     png_paths = _png_paths(images, out_dir)
 
     results: list[dict[str, Any]] = []
+    skipped: list[Path] = []
     for start in range(0, len(images), args.batch_size):
-        paths = images[start:start + args.batch_size]
-        batch = []
-        for path in paths:
-            with PIL.Image.open(path) as image:
-                batch.append(image.convert("RGB"))
-        for offset, (path, image, dets) in enumerate(zip(paths, batch, detect(model, postprocessor, batch,
-                                                                              transform, args.device))):
-            position = start + offset
-            image_dets = []
-            for score, label, box in zip(dets["scores"].tolist(), dets["labels"].tolist(), dets["boxes"].tolist()):
-                if score < args.threshold:
-                    continue
-                x0, y0 = max(0.0, box[0]), max(0.0, box[1])
-                x1, y1 = min(float(image.width), box[2]), min(float(image.height), box[3])
-                image_dets.append({"image_id": image_ids.get(path.name, position + 1), "file_name": path.name,
-                                   "category_id": int(label),
-                                   "bbox": [round(x0, 2), round(y0, 2), round(max(0.0, x1 - x0), 2),
-                                            round(max(0.0, y1 - y0), 2)],
-                                   "score": round(float(score), 5)})
-            image_dets.sort(key=lambda d: -d["score"])
+        batch = readable_images(images[start:start + args.batch_size], skipped)
+        if not batch:
+            continue
+        batch_dets = detect(model, postprocessor, [image for _, image in batch], transform, args.device)
+        for (index, image), dets in zip(batch, batch_dets):
+            position = start + index
+            name = images[position].name
+            image_dets = image_detections(dets, image, name, image_ids.get(name, position + 1), args.threshold)
             draw_detections(image, image_dets, names, png_paths[position])
             results += image_dets
+    if len(skipped) == len(images):
+        raise SystemExit(f"none of the {len(images)} images can be read (see the warnings): nothing written; give "
+                         "image files PIL can decode")
     (out_dir / "detections.json").write_text(json.dumps(results))
-    print(f"{len(results)} detections in {len(images)} images (score >= {args.threshold}): "
-          f"{out_dir / 'detections.json'} and {len(images)} PNGs in {out_dir}")
+    done = len(images) - len(skipped)
+    note = f"; {len(skipped)} unreadable images skipped (see the warnings)" if skipped else ""
+    print(f"{len(results)} detections in {done} images (score >= {args.threshold}): "
+          f"{out_dir / 'detections.json'} and {done} PNGs in {out_dir}{note}")
     return results
 
 

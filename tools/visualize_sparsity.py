@@ -23,8 +23,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from models.dam import attention_map_to_token_grid  # noqa: E402
+from tools.plot_logs import figure_path  # noqa: E402
 from tools.predict import load_model as load_detector  # noqa: E402
 
 
@@ -34,6 +36,16 @@ def load_model(checkpoint_path: str, model_flags: list[str], device: str) -> tor
     if not args.rho:
         raise SystemExit(f"{checkpoint_path} is not a Sparse DETR model (rho = 0): nothing to visualise")
     return model
+
+
+def read_image(path: str | Path) -> PIL.Image.Image:
+    """The RGB 8-bit image of ``path`` (16-bit and float pixels scaled, see datasets/images.py); SystemExit if it
+    cannot be decoded."""
+    try:
+        return open_rgb_image(Path(path))
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise SystemExit(f"cannot read image {path} ({err}): give an image file PIL can decode (JPEG, PNG, "
+                         "...)") from None
 
 
 def per_level_maps(values: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
@@ -56,7 +68,7 @@ def sparsity_maps(model: torch.nn.Module, image: torch.Tensor) -> dict[str, list
             for name, values in (("saliency", saliency), ("kept tokens", kept), ("DAM", dam))}
 
 
-def plot(image: PIL.Image.Image, maps: dict[str, list[torch.Tensor]], out: str) -> None:
+def plot(image: PIL.Image.Image, maps: dict[str, list[torch.Tensor]], out: str | Path) -> None:
     levels = len(next(iter(maps.values())))
     fig, axes = plt.subplots(len(maps), levels + 1, figsize=(3 * (levels + 1), 2.6 * len(maps)), squeeze=False)
     for row, (name, level_maps) in enumerate(maps.items()):
@@ -86,19 +98,24 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", required=True, help="checkpoint of a Sparse DETR model")
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--out", required=True, help="PNG to write (its folder is created; .png appended to a name "
+                                                     "without extension)")
     parser.add_argument("--size", type=int, default=800, help="shorter side the image is resized to")
     parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    for path in (args.resume, args.image):
+    for flag, path in (("--resume", args.resume), ("--image", args.image)):
+        if Path(path).is_dir():
+            raise SystemExit(f"{flag} {path} is a folder: give a file")
         if not Path(path).is_file():
             raise SystemExit(f"file not found: {path}")
+    image = read_image(args.image)
+    out = figure_path(args.out)
     model = load_model(args.resume, model_flags, args.device)
-    image = PIL.Image.open(args.image).convert("RGB")
     tensor, _ = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)(image, None)
-    plot(image, sparsity_maps(model, tensor.to(args.device)), args.out)
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(image, sparsity_maps(model, tensor.to(args.device)), out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
