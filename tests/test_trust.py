@@ -293,3 +293,8 @@ def test_a_full_disk_while_saving_names_the_folder_and_the_size_and_keeps_the_la
                                "checkpoint.pth there is intact. Free space there or choose another --output_dir, "
                                "then resume with --resume")
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+
+def test_resume_of_a_folder_names_the_file_to_give(coco_root, tmp_path):
+    assert run_main(*TINY, "--coco_path", str(coco_root), "--eval", "--resume", str(tmp_path)) == (
+        f"error: checkpoint not found: {tmp_path} (a folder: name the .pth file in it)")
