@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.resumable import EpochBatchSampler, SeededSamples
+from datasets.samplers import NodeShareSampler
 from epochs import (
     Validation,
     evaluation_due,
@@ -149,14 +150,20 @@ def build_data_loader(dataset, args: argparse.Namespace, ctx: DistContext, *, tr
     """Training: an order and augmentations that depend only on ``--seed``, the epoch and the image (sharded
     per process; see datasets/resumable.py), batches of ``--batch_size``, incomplete last batch dropped; set
     the epoch and its first batch with ``loader.batch_sampler.set_epoch``. Evaluation: sequential order
-    (sharded per process), every image kept."""
+    (sharded per process), every image kept. With ``--cache_mode`` each process draws only from the images it
+    cached (``datasets.samplers.NodeShareSampler``)."""
     # Worker seeds come from this generator, not from the global stream that the model's dropout draws from.
     common = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                   worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
-    if not train:
+    if args.cache_mode:  # each process draws from the images it cached (datasets/samplers.py)
+        sampler = NodeShareSampler(len(dataset), world_size=ctx.world_size, rank=ctx.rank,
+                                   local_size=ctx.local_size, shuffle=train, seed=args.seed)
+    elif train:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
+    else:
         sampler = DistributedSampler(dataset, shuffle=False) if ctx.distributed else SequentialSampler(dataset)
+    if not train:
         return DataLoader(dataset, args.batch_size, sampler=sampler, drop_last=False, **common)
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(SeededSamples(dataset, args.seed), batch_sampler=EpochBatchSampler(sampler, args.batch_size),
                         **common)
     if len(loader) == 0:
@@ -258,7 +265,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     logger.info("trainable parameters: %d", n_parameters)
     amp_dtype = AMP_DTYPES[args.amp]
 
-    dataset_val = build_dataset("val", args)
+    cache_share = (ctx.local_rank, ctx.local_size)
+    dataset_val = build_dataset("val", args, cache_share)
     base_ds = get_coco_api_from_dataset(dataset_val)
     loader_val = build_data_loader(dataset_val, args, ctx, train=False, device=device)
 
@@ -272,7 +280,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
 
     if output_dir is not None and is_main_process():
         remove_unfinished_writes(output_dir)
-    dataset_train = build_dataset("train", args)
+    dataset_train = build_dataset("train", args, cache_share)
     loader_train = build_data_loader(dataset_train, args, ctx, train=True, device=device)
     lr, lr_backbone = scaled_learning_rates(args.lr, args.lr_backbone, scaling=args.lr_scaling,
                                             batch_size=args.batch_size, world_size=ctx.world_size)

@@ -24,9 +24,10 @@ def get_coco_api_from_dataset(dataset: Dataset) -> COCO:
 BUILDERS = {"coco": build_coco}
 
 
-def build_dataset(image_set: str, args) -> CocoDetection:
+def build_dataset(image_set: str, args, cache_share: tuple[int, int] = (0, 1)) -> CocoDetection:
     """Build the ``image_set`` ('train' or 'val') split of the ``args.dataset_file`` format; see
-    :func:`datasets.coco.build` for the other ``args``."""
+    :func:`datasets.coco.build` for the other ``args`` and ``cache_share`` (``--cache_mode``: this process's
+    ``(local rank, processes per node)``)."""
     if args.dataset_file not in BUILDERS:
         raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[args.dataset_file](image_set, args)
+    return BUILDERS[args.dataset_file](image_set, args, cache_share)

@@ -40,6 +40,7 @@ from util.errors import InputError
 from . import transforms as T
 from .coco_checks import MAX_EXAMPLES, check_category_ids, clean_annotations, read_annotation_file, report_findings
 from .counted_log import CountedWarnings
+from .samplers import in_cache_share
 from .images import (  # noqa: F401 (open_rgb_image, UNREADABLE_IMAGE_ERRORS: this module's API before images.py)
     UNREADABLE_IMAGE_ERRORS, DecodedImage, apply_pixel_limit_from_env, decode_image, exif_rotation, open_rgb_image,
     size_mismatch,
@@ -111,8 +112,10 @@ class CocoDetection(Dataset):
     the JSON's or with an EXIF rotation (never applied) is warned about, an error with ``strict_data``; 16-bit
     and float files are scaled to 8 bits with a warning (:mod:`datasets.images`). Negative category ids are an
     InputError.
-    ``cache_mode=True`` reads every image file's (encoded) bytes into memory once at construction;
-    decoding still happens per access. ``self.coco`` is the pycocotools ground truth and ``self.ids``
+    ``cache_mode=True`` reads the (encoded) bytes of the image files of ``cache_share`` into memory once at
+    construction; decoding still happens per access, and an image outside the share is read from disk.
+    ``cache_share=(local_rank, local_size)`` is this process's share of a node's cache, the images whose index
+    ``i`` has ``i % local_size == local_rank`` (see datasets/samplers.py); (0, 1), every image, by default. ``self.coco`` is the pycocotools ground truth and ``self.ids``
     the sorted image ids (index ``i`` -> ``self.ids[i]``).
     """
 
@@ -123,6 +126,7 @@ class CocoDetection(Dataset):
         *,
         transforms: Optional[Callable] = None,
         cache_mode: bool = False,
+        cache_share: tuple[int, int] = (0, 1),
         num_classes: Optional[int] = None,
         strict_data: bool = False,
     ):
@@ -149,10 +153,13 @@ class CocoDetection(Dataset):
         self.image_notes = CountedWarnings(logger)
         self._cache: dict[int, bytes] = {}
         if cache_mode:
-            for image_id in self.ids:
-                self._cache[image_id] = self._path(image_id).read_bytes()
-            logger.info("cached %d images (%.1f MiB) from %s", len(self._cache),
-                        sum(map(len, self._cache.values())) / 2**20, self.img_folder)
+            local_rank, local_size = cache_share
+            for index, image_id in enumerate(self.ids):
+                if in_cache_share(index, local_rank, local_size):
+                    self._cache[image_id] = self._path(image_id).read_bytes()
+            share = f" (this process's share: local rank {local_rank} of {local_size})" if local_size > 1 else ""
+            logger.info("cached %d of %d images (%.1f MiB) from %s%s", len(self._cache), len(self.ids),
+                        sum(map(len, self._cache.values())) / 2**20, self.img_folder, share)
 
     def _path(self, image_id: int) -> Path:
         return self.img_folder / self.coco.imgs[image_id]["file_name"]
@@ -252,10 +259,10 @@ def check_split_paths(img_folder: Path, ann_file: Path) -> None:
         raise FileNotFoundError(f"image folder not found: {img_folder} ({LAYOUT_HELP})")
 
 
-def build(image_set: str, args) -> CocoDetection:
+def build(image_set: str, args, cache_share: tuple[int, int] = (0, 1)) -> CocoDetection:
     """Dataset of ``image_set`` ('train' or 'val') from main.py's options: ``args.coco_path``,
     ``args.scales`` (None: the reference 480..800), ``args.max_size``, ``args.val_size``, ``args.cache_mode``,
-    ``args.num_classes`` (None: no check) and ``args.strict_data``."""
+    ``args.num_classes`` (None: no check) and ``args.strict_data``; ``cache_share``: see :class:`CocoDetection`."""
     if not args.coco_path:
         raise InputError(f"--coco_path is required ({LAYOUT_HELP})")
     img_folder, ann_file = split_paths(args.coco_path, image_set)
@@ -270,6 +277,7 @@ def build(image_set: str, args) -> CocoDetection:
         ann_file,
         transforms=transforms,
         cache_mode=args.cache_mode,
+        cache_share=cache_share,
         num_classes=args.num_classes,
         strict_data=args.strict_data,
     )

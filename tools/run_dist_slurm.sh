@@ -5,7 +5,7 @@
 #       tools/run_dist_slurm.sh PARTITION JOB_NAME GPUS COMMAND...
 #
 # Each task maps Slurm's variables to the torch.distributed ones main.py reads (RANK, WORLD_SIZE,
-# LOCAL_RANK, MASTER_ADDR = the first node of the job, MASTER_PORT).
+# LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR = the first node of the job, MASTER_PORT).
 set -euo pipefail
 
 if [ $# -lt 4 ]; then
@@ -27,6 +27,6 @@ export MASTER_PORT=${MASTER_PORT:-29500}
 # shellcheck disable=SC2086
 srun -p "$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE" --ntasks="$GPUS" \
     --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 ${SRUN_ARGS:-} \
-    bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
+    bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE
              export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
              exec "$@"' _ "$@"

@@ -25,11 +25,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistContext:
-    """Where this process stands: rank, world size, local rank; ``owns_group`` when run() started the group."""
+    """Where this process stands: rank, world size, local rank, processes on this node (``local_size``);
+    ``owns_group`` when run() started the group."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    local_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -37,21 +39,23 @@ class DistContext:
 
 
 def init_distributed(device_name: str) -> DistContext:
-    """Join the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL for CUDA,
+    """Join the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (NCCL for CUDA,
     gloo for CPU); a single process when they are absent or WORLD_SIZE is 1."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistContext()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # torchrun sets LOCAL_WORLD_SIZE (tools/run_dist_slurm.sh too); without it, assume one process per node.
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if world_size < 2:
-        return DistContext(rank, world_size, local_rank)
+        return DistContext(rank, world_size, local_rank, local_size=local_size)
     if dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, local_size=local_size)
     use_cuda = device_name.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
-    return DistContext(rank, world_size, local_rank, owns_group=True)
+    return DistContext(rank, world_size, local_rank, owns_group=True, local_size=local_size)
 
 
 def setup_logging(ctx: DistContext) -> None:
