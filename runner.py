@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,13 +41,12 @@ from epochs import (
     stop_error,
 )
 from engine import EvaluationStopped, evaluate, to_device, train_one_epoch, weighted_loss
-from models import build_model, checkpoint_mismatch_causes
+from models import build_model, load_weights_strict
 from util.checkpoint import (
     EpochProgress,
     TrainState,
     load_checkpoint,
     load_finetune_weights,
-    load_model_strict,
     remove_unfinished_writes,
     resolve_resume,
     restore_training_state,
@@ -204,14 +203,6 @@ def wrap_distributed(model: nn.Module, criterion: nn.Module, dataset, *, batch_s
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def load_weights_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: Path,
-                        args: argparse.Namespace) -> None:
-    """``util.checkpoint.load_model_strict``, explaining a mismatch by the flags that differ from the
-    checkpoint's."""
-    load_model_strict(model, checkpoint, source, built_as=f"--model {args.model}",
-                      explain=lambda keys, saved: checkpoint_mismatch_causes(keys, saved, current_flags=vars(args)))
-
-
 # ----------------------------------------------------------------------------------------------
 # The main program
 
@@ -271,7 +262,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     loader_val = build_data_loader(dataset_val, args, ctx, train=False, device=device)
 
     if args.eval:
-        load_weights_strict(model, load_checkpoint(resume_path, trust=args.trust_checkpoint), resume_path, args)
+        load_weights_strict(model, load_checkpoint(resume_path, trust=args.trust_checkpoint), resume_path,
+                            current_flags=vars(args), built_as=f"--model {args.model}")
         test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp_dtype,
                                  args.log_every)
         logger.info("evaluation of %s: AP %.4f, AP50 %.4f, AP75 %.4f", resume_path,
@@ -291,7 +283,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     state = TrainState(args.start_epoch)
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, trust=args.trust_checkpoint)
-        load_weights_strict(model, checkpoint, resume_path, args)
+        load_weights_strict(model, checkpoint, resume_path, current_flags=vars(args),
+                            built_as=f"--model {args.model}")
         state = restore_training_state(checkpoint, optimizer, lr_scheduler, scaler, start_epoch=args.start_epoch,
                                        lr_drop=args.lr_drop, batch_size=args.batch_size, ctx=ctx,
                                        source=resume_path)

@@ -1,5 +1,5 @@
 """Model zoo: ``build_model(args) -> (model, criterion, postprocessors)``, and what a checkpoint that does not
-fit the built model says about the flags (``checkpoint_mismatch_causes``)."""
+fit the built model says about the flags (``checkpoint_mismatch_causes``, ``load_weights_strict``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,8 @@ import re
 from typing import Any, Iterable, Mapping
 
 from torch import nn
+
+from util.checkpoint import load_model_strict, strip_ddp_prefix
 
 from .criterion import SetCriterion
 from .deformable_detr import build_deformable_detr
@@ -44,18 +46,44 @@ KEY_HINTS = (
 )
 
 
-def checkpoint_mismatch_causes(keys: Iterable[str], checkpoint_args: Any, *,
-                               current_flags: Mapping[str, Any]) -> list[str]:
+def checkpoint_num_classes(state_dict: Mapping[str, Any], model: str) -> int | None:
+    """The ``--num_classes`` a checkpoint's classifier was built with, from its (last) ``class_embed`` weight:
+    its outputs, less DETR's and SDETR's no-object class; None when the state dict has no classifier."""
+    weights = [v for k, v in state_dict.items() if re.search(r"(^|\.)class_embed(\.\d+)?\.weight$", k)]
+    if not weights:
+        return None
+    return int(weights[-1].shape[0]) - (1 if model in ("detr", "sdetr") else 0)
+
+
+def checkpoint_mismatch_causes(keys: Iterable[str], checkpoint_args: Any, *, current_flags: Mapping[str, Any],
+                               state_dict: Mapping[str, Any] | None = None) -> list[str]:
     """Human-readable guesses of why the state-dict ``keys`` of a checkpoint do not fit the model built from
     ``current_flags`` (``vars(args)``): the architecture flags that differ from the checkpoint's saved args
-    (a Namespace or a dict, None for official checkpoints), else the causes their key names suggest."""
+    (a Namespace or a dict, None for official checkpoints), else the classifier size read from the checkpoint's
+    ``state_dict`` (official checkpoints hold no args) and the causes the key names suggest."""
     causes = []
     if checkpoint_args is not None:
         saved = vars(checkpoint_args) if isinstance(checkpoint_args, argparse.Namespace) else dict(checkpoint_args)
         for flag in ARCHITECTURE_FLAGS:
             if flag in saved and flag in current_flags and saved[flag] != current_flags[flag]:
                 causes.append(f"--{flag} is {saved[flag]!r} in the checkpoint but {current_flags[flag]!r} now")
-    if not causes:
-        keys = list(keys)
-        causes = list(dict.fromkeys(hint for pattern, hint in KEY_HINTS if any(re.search(pattern, k) for k in keys)))
-    return causes
+    if causes:
+        return causes
+    keys = list(keys)
+    saved_classes = checkpoint_num_classes(state_dict or {}, current_flags.get("model", "deformable"))
+    if saved_classes is not None and saved_classes != current_flags.get("num_classes"):
+        causes.append(f"the checkpoint's classifier predicts {saved_classes} classes but the model was built with "
+                      f"--num_classes {current_flags.get('num_classes')}: pass --num_classes {saved_classes}")
+    causes += [hint for pattern, hint in KEY_HINTS if any(re.search(pattern, k) for k in keys)]
+    return list(dict.fromkeys(causes))
+
+
+def load_weights_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: Any, *,
+                        current_flags: Mapping[str, Any], built_as: str) -> None:
+    """``util.checkpoint.load_model_strict`` of ``checkpoint`` into ``model``, explaining a mismatch by
+    :func:`checkpoint_mismatch_causes` against ``current_flags`` (``vars(args)``); ``built_as`` says where the
+    model's flags came from (e.g. "--model deformable")."""
+    state_dict = strip_ddp_prefix(checkpoint["model"])
+    load_model_strict(model, checkpoint, source, built_as=built_as,
+                      explain=lambda keys, saved: checkpoint_mismatch_causes(keys, saved, current_flags=current_flags,
+                                                                             state_dict=state_dict))

@@ -139,3 +139,19 @@ def test_missing_backbone_weights_file(coco_root, tmp_path):
     assert run_main(*flags, "--backbone_weights", str(path), "--coco_path", str(coco_root)) == (
         f"error: --backbone_weights {path}: no such file. Pass the path of a local weights file (e.g. torchvision's "
         "resnet50-0676ba61.pth, or swin_tiny_patch4_window7_224.pth of the official Swin release).")
+
+
+@pytest.mark.parametrize("model_flags,classifier_outputs", [((), 7), (("--model", "detr"), 8)])
+def test_eval_of_an_official_checkpoint_names_its_class_count(coco_root, tmp_path, model_flags, classifier_outputs):
+    """An official checkpoint holds no args: the advice reads the class count off its classifier (DETR's has one
+    output more, the no-object class), instead of leaving the user to guess. Bug caught: advice naming the
+    dataset's count, or 91, or DETR's output count."""
+    flags = [f for f in TINY if f not in ("--num_classes", "4")]
+    model, _, _ = build_model(parse_args([*flags, *model_flags, "--num_classes", str(classifier_outputs - (
+        1 if model_flags else 0))]))
+    path = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict()}, path)  # no "args", as the released checkpoints
+    message = run_main(*flags, *model_flags, "--num_classes", "4", "--coco_path", str(coco_root), "--eval",
+                       "--resume", str(path))
+    assert "likely cause: the checkpoint's classifier predicts 7 classes but the model was built with " \
+           "--num_classes 4: pass --num_classes 7" in message

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from main import backbone_name, get_args_parser, parse_args, validate_args  # noqa: E402
-from models import build_model, checkpoint_mismatch_causes  # noqa: E402
-from util.checkpoint import CheckpointMismatchError, load_checkpoint, load_model_strict  # noqa: E402
+from models import build_model, load_weights_strict  # noqa: E402
+from util.checkpoint import CheckpointMismatchError, load_checkpoint  # noqa: E402
 from util.errors import InputError  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.process import keep_freed_memory  # noqa: E402
@@ -94,9 +94,7 @@ def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: 
         args = model_args(checkpoint.get("args"), model_flags, device)
         model, _, postprocessors = build_model(args, load_backbone_weights=False)
         source = "the flags after --" if model_flags or "args" not in checkpoint else "the args stored in it"
-        load_model_strict(model, checkpoint, path, built_as=source,
-                          explain=lambda keys, saved: checkpoint_mismatch_causes(keys, saved,
-                                                                                 current_flags=vars(args)))
+        load_weights_strict(model, checkpoint, path, current_flags=vars(args), built_as=source)
     except CheckpointMismatchError as err:
         raise SystemExit(f"{err}\nHere: give the checkpoint's model flags after --, e.g. -- --with_box_refine "
                          "--two_stage") from None
