@@ -76,7 +76,7 @@ MUTANTS = (
            ("tests/test_bad_data.py -k duplicate_annotation_ids",)),
     Mutant("partly_outside_bottom", "boxes partly outside the image at the bottom not reported",
            (("datasets/coco_checks.py", " or y + h > height:", ":"),),
-           ("tests/test_bad_data.py -k partly_outside",)),
+           ("tests/test_bad_annotations.py -k partly_outside",)),
     Mutant("evaluator_scores_every_image", "the evaluator scoring every ground-truth image, not only those given",
            (("datasets/coco_eval.py", "coco_eval.params.imgIds = img_ids", "coco_eval.params.imgIds = sorted(self.coco_gt.getImgIds())"),),
            ("tests/test_datasets.py -k subset",)),

@@ -26,7 +26,7 @@ from datasets.coco_eval import CocoEvaluator
 from datasets.counted_log import CountedWarnings
 from datasets.images import apply_pixel_limit_from_env, decode_image
 from models import build_model
-from test_bad_data import box, image, make_args, warnings, write_split
+from bad_data_helpers import box, image, make_args, warnings, write_split
 from test_models_tiny import TINY as MODEL_TINY
 from tools.check_dataset import main as check_dataset
 from util.errors import InputError
