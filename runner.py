@@ -210,7 +210,8 @@ def wrap_distributed(model: nn.Module, criterion: nn.Module, dataset, *, batch_s
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval`` evaluate) as ``main.py`` describes; returns the last epoch's log record
     (``train_*``, ``test_*``, ``epoch``, ``n_parameters``), or the ``test_*`` stats with ``--eval``. Raises
-    :class:`TrainingStopped` after a stop signal and :class:`NonFiniteLossError` (``epochs.py``; see the module docstring)."""
+    :class:`TrainingStopped` after a stop signal and :class:`NonFiniteLossError` (``epochs.py``; see the module
+    docstring)."""
     ctx = init_distributed(args.device)
     setup_logging(ctx)
     try:

@@ -115,8 +115,9 @@ class CocoDetection(Dataset):
     ``cache_mode=True`` reads the (encoded) bytes of the image files of ``cache_share`` into memory once at
     construction; decoding still happens per access, and an image outside the share is read from disk.
     ``cache_share=(local_rank, local_size)`` is this process's share of a node's cache, the images whose index
-    ``i`` has ``i % local_size == local_rank`` (see datasets/samplers.py); (0, 1), every image, by default. ``self.coco`` is the pycocotools ground truth and ``self.ids``
-    the sorted image ids (index ``i`` -> ``self.ids[i]``).
+    ``i`` has ``i % local_size == local_rank`` (see datasets/samplers.py); (0, 1), every image, by default.
+    ``self.coco`` is the pycocotools ground truth and ``self.ids`` the sorted image ids (index ``i`` ->
+    ``self.ids[i]``).
     """
 
     def __init__(
