@@ -128,4 +128,4 @@ def log_progress(batches: Iterable, *, name: str, total: int, every: int, line: 
             images, last_time = 0, now
     elapsed = time.perf_counter() - start
     steps = max(step + 1 - done, 1)
-    log.info("%s done: %d steps in %s (%.3f s / step)", name, steps, datetime.timedelta(seconds=int(elapsed)), elapsed / steps)
+    log.info("%s done: %d step%s in %s (%.3f s / step)", name, steps, "s" * (steps != 1), datetime.timedelta(seconds=int(elapsed)), elapsed / steps)
