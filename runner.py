@@ -305,7 +305,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
         return write_checkpoints(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, output_dir,
                                  run_args=args, lr_drop=args.lr_drop, keep_every=args.checkpoint_every, **state)
 
-    tensorboard = build_tensorboard(args, output_dir)  # None without --tensorboard and off rank 0
+    steps_done = state.start_epoch * loader_train.batch_sampler.batches_per_epoch() + state.progress.step
+    tensorboard = build_tensorboard(args, output_dir, steps_done=steps_done)  # None without --tensorboard, off rank 0
     if tensorboard is not None:
         stack.callback(tensorboard.close)
 

@@ -92,6 +92,26 @@ def test_event_files_hold_the_val_images_with_their_ground_truth(tensorboard_run
             assert tuple(pixels[int(y + h // 2), int(x)]) == (255, 255, 255)
 
 
+def test_a_resumed_run_replaces_the_steps_a_killed_run_logged_after_its_checkpoint(tensorboard_run, coco_root,
+                                                                                    tmp_path):
+    """Catches the steps between the checkpoint and the kill drawn twice (once per process) after --resume."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    shutil.copytree(tensorboard_run[0], out)
+    killed = SummaryWriter(str(out / "tb"))  # a process that went on after the epoch-0 checkpoint, then was killed
+    killed.add_scalar("train_step/loss", 999.0, 6)
+    killed.close()
+    runner.run(tiny_args(coco_root, *ENGINE_SPARSE_DETR, "--epochs", "2", "--output_dir", str(out), "--resume", "auto",
+                         "--tensorboard"))
+    events = read_events(out / "tb")
+    steps = [e.step for e in events.Scalars("train_step/loss")]
+    assert steps == [1, 3, 4, 5, 7, 8]  # epoch 0's (before the checkpoint) kept, the killed process's dropped
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1]
+
+
 def test_epoch_scalars_name_every_number_of_a_record():
     """Catches the COCO stats written as one unnamed list, an EMA evaluation's stats mixed with the plain ones,
     and non-numbers or bookkeeping fields written as scalars."""

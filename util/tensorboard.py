@@ -116,9 +116,14 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def build_tensorboard(args: argparse.Namespace, output_dir: Optional[Path]) -> Optional[TensorBoardLog]:
+def build_tensorboard(args: argparse.Namespace, output_dir: Optional[Path], *,
+                      steps_done: int = 0) -> Optional[TensorBoardLog]:
     """The run's :class:`TensorBoardLog` in ``output_dir``/tb with ``--tensorboard`` on rank 0, else None.
-    InputError on every process, naming the fix, when the tensorboard package is missing."""
+    InputError on every process, naming the fix, when the tensorboard package is missing.
+
+    ``steps_done``: the training steps behind the run (since epoch 0; a resumed run's). TensorBoard drops the
+    step scalars that an earlier process wrote past them (after the checkpoint this run resumes, before it was
+    killed), so that a resumed run's curves have no second copy of those steps."""
     if not args.tensorboard or output_dir is None:
         return None
     if importlib.util.find_spec("tensorboard") is None:
@@ -128,4 +133,5 @@ def build_tensorboard(args: argparse.Namespace, output_dir: Optional[Path]) -> O
     from torch.utils.tensorboard import SummaryWriter
     log_dir = output_dir / "tb"
     logger.info("TensorBoard: writing to %s (tensorboard --logdir %s)", log_dir, log_dir)
-    return TensorBoardLog(SummaryWriter(str(log_dir)), num_images=args.tensorboard_images)
+    # Progress lines come after a step: the first this run writes is at steps_done + 1 or later.
+    return TensorBoardLog(SummaryWriter(str(log_dir), purge_step=steps_done + 1), num_images=args.tensorboard_images)
