@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import runner
 from main import parse_args
@@ -110,6 +111,35 @@ def test_a_resumed_run_replaces_the_steps_a_killed_run_logged_after_its_checkpoi
     steps = [e.step for e in events.Scalars("train_step/loss")]
     assert steps == [1, 3, 4, 5, 7, 8]  # epoch 0's (before the checkpoint) kept, the killed process's dropped
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1]
+
+
+class FixedDetections(torch.nn.Module):
+    """A 'model' whose post-processed output is one box at x, y 10..30 of each image (score 0.9, category 2) and
+    one at 40..60 scoring under the threshold."""
+
+    def forward(self, samples, orig_sizes=None):
+        if orig_sizes is None:  # the model
+            return {"pred_logits": samples.tensors.mean()}
+        return [{"scores": torch.tensor([0.9, tb.DETECTION_THRESHOLD - 0.01]), "labels": torch.tensor([2, 3]),
+                 "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 40.0, 60.0, 60.0]])} for _ in orig_sizes]
+
+
+def test_detection_images_draw_the_detections_above_the_threshold_in_original_pixels(coco_root):
+    """Catches detections drawn in the transformed image's pixels, low-scoring ones drawn, and a model left in
+    evaluation mode for the next training epoch."""
+    import numpy as np
+
+    from datasets import build_dataset
+    from util.draw import category_color
+
+    dataset = build_dataset("val", tiny_args(coco_root, "--val_size", "128", "--max_size", "128"))  # 64 -> 128 px
+    model = FixedDetections().train()
+    images = tb.detection_images(model, FixedDetections(), dataset, 2, torch.device("cpu"), {2: "circle"})
+    assert model.training and list(images) == [1, 2]
+    for pixels in images.values():
+        assert pixels.shape == (3, 64, 64) and pixels.dtype == np.uint8
+        assert tuple(pixels[:, 20, 10]) == category_color(2)  # the left edge, in the file's 64x64 pixels
+        assert tuple(pixels[:, 50, 40]) != category_color(3)  # under the threshold: not drawn
 
 
 def test_epoch_scalars_name_every_number_of_a_record():

@@ -64,14 +64,13 @@ def detection_images(model: nn.Module, postprocessor: nn.Module, dataset, count:
     they were."""
     was_training = model.training
     model.eval()
-    with preserved_rng_state():  # the val transform draws its (single) size from Python's random
-        samples, targets = collate_fn([dataset[i] for i in range(min(count, len(dataset)))])
-        outputs = model(samples.to(device))
-    orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-    results = postprocessor(outputs, orig_sizes)
-    model.train(was_training)
     pictures = {}
-    for target, result in zip(targets, results):
+    for index in range(min(count, len(dataset))):  # one at a time: N large images need no more memory than one
+        with preserved_rng_state():  # the val transform draws its (single) size from Python's random
+            samples, (target,) = collate_fn([dataset[index]])
+        outputs = model(samples.to(device))
+        (result,) = postprocessor(outputs, target["orig_size"].view(1, 2).to(device))
+        result = {k: v.cpu() for k, v in result.items()}
         image_id = int(target["image_id"])
         canvas = dataset.load_image(image_id).convert("RGB")
         truth = [a["bbox"] for a in dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
@@ -82,6 +81,7 @@ def detection_images(model: nn.Module, postprocessor: nn.Module, dataset, count:
         draw_boxes(canvas, result["boxes"][keep][order].tolist(), [category_color(c) for c in labels],
                    [f"{names.get(c, str(c))} {s:.2f}" for c, s in zip(labels, scores)])
         pictures[image_id] = np.asarray(canvas).transpose(2, 0, 1).copy()
+    model.train(was_training)
     return pictures
 
 
