@@ -156,8 +156,9 @@ def test_epoch_scalars_name_every_number_of_a_record():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tensorboard"], "--tensorboard logs a training run into <output_dir>/tb: add --output_dir"),
-    (["--tensorboard", "--output_dir", "x", "--eval", "--resume", "c.pth"], "add --output_dir (and drop --eval)"),
+    (["--tensorboard"], "--tensorboard writes into <output_dir>/tb: add --output_dir"),
+    (["--tensorboard", "--output_dir", "x", "--eval", "--resume", "c.pth"], "--tensorboard logs training runs: drop "
+                                                                          "it with --eval"),
     (["--tensorboard_images", "2", "--output_dir", "x"], "--tensorboard_images draws detections into TensorBoard: "
                                                            "add --tensorboard"),
     (["--tensorboard", "--tensorboard_images", "-1", "--output_dir", "x"], "--tensorboard_images must be >= 0"),
