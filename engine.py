@@ -14,15 +14,16 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from datasets.coco_eval import CocoEvaluator
 from util.checkpoint import EpochProgress
+from util.console import Progress, TrainReport, ap_table, eval_line, log_progress
 from util.logger import MetricLogger, SmoothedValue
-from util.misc import reduce_dict
+from util.misc import get_world_size, reduce_dict
 from util.process import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     device: torch.device, epoch: int, clip_max_norm: float = 0.0,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                     log_every: int = 50, *, progress: Optional[EpochProgress] = None,
-                    stop: Optional[StopRequest] = None, max_nonfinite: int = 10) -> EpochResult:
+                    stop: Optional[StopRequest] = None, max_nonfinite: int = 10,
+                    on_report: Optional[Callable[[int, TrainReport], None]] = None) -> EpochResult:
     """Train ``model`` on the batches of ``data_loader`` (see :func:`train_step`): those of epoch ``epoch``
     after the ``progress.step`` already done, whose averages ``progress`` carries on.
 
@@ -192,6 +194,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     of ``loss``, every weighted loss, every ``*_unscaled`` criterion output, ``class_error``, ``lr`` (of the
     first parameter group) and ``grad_norm`` over the applied steps, plus ``nonfinite_steps`` (the skipped
     steps) and, with the fp16 scaler, ``skipped_steps`` (the steps it skipped).
+
+    Every ``log_every`` steps it logs a progress line (util/console.py) and hands its report to ``on_report``
+    with the number of steps done since epoch 0 (e.g. to TensorBoard).
     """
     model.train()
     criterion.train()
@@ -203,9 +208,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     metrics.add_totals(progress.totals)
     num_steps = progress.step + len(data_loader)  # type: ignore[arg-type]
     stopped, problem = None, ""
+
+    def report_line(at: Progress) -> str:
+        report = TrainReport.now(epoch, at, lr=optimizer.param_groups[0]["lr"], smoothed=metrics.medians())
+        if on_report is not None:
+            on_report(epoch * num_steps + at.step, report)
+        return report.line()
+
     with shut_down_workers_after(data_loader) as loader_iter:
-        batches = metrics.log_every(loader_iter, log_every, f"Epoch: [{epoch}]", done=progress.step,
-                                    length=len(data_loader))  # type: ignore[arg-type]
+        batches = log_progress(loader_iter, name=f"epoch {epoch}", total=num_steps, every=log_every,
+                               line=report_line, done=progress.step, world_size=get_world_size(), log=logger)
         for step, (samples, targets) in enumerate(batches, progress.step):
             result = train_step(model, criterion, samples, targets, optimizer, device, clip_max_norm, scaler,
                                 amp_dtype)
@@ -232,7 +244,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         progress.totals = metrics.totals()
         return EpochResult(False, {}, progress, stopped, problem)
     metrics.synchronize_between_processes()
-    logger.info("Epoch %d averaged stats: %s", epoch, metrics)
+    logger.debug("Epoch %d averaged stats: %s", epoch, metrics)
     stats = metrics.global_averages()
     stats["nonfinite_steps"] = progress.nonfinite
     if progress.nonfinite:
@@ -265,8 +277,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     metrics.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     evaluator = CocoEvaluator(base_ds, ("bbox",))
     with shut_down_workers_after(data_loader) as loader_iter:
-        for samples, targets in metrics.log_every(loader_iter, log_every, "Test:",
-                                                  length=len(data_loader)):  # type: ignore[arg-type]
+        for samples, targets in log_progress(loader_iter, name="eval", total=len(data_loader),  # type: ignore[arg-type]
+                                             every=log_every, line=eval_line, world_size=get_world_size(),
+                                             log=logger):
             samples, targets = to_device(samples, targets, device)
             with autocast(device, amp_dtype):
                 outputs = model(samples)
@@ -278,10 +291,11 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
             if stop is not None and stop.agreed():
                 raise EvaluationStopped()
     metrics.synchronize_between_processes()
-    logger.info("Test averaged stats: %s", metrics)
+    logger.debug("Test averaged stats: %s", metrics)
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
     evaluator.summarize()
+    logger.info("%s", ap_table(evaluator.stats, len(evaluator.img_ids)))
     stats: dict[str, Any] = metrics.global_averages()
     stats["coco_eval_bbox"] = evaluator.stats
     return stats, evaluator

@@ -191,7 +191,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"{_model_default('lr_scaling')}")
     g.add_argument("--amp", default="off", choices=("off", "fp16", "bf16"),
                    help="mixed precision: autocast the model to fp16 (with gradient scaling) or bf16")
-    g.add_argument("--log_every", default=50, type=int, metavar="N", help="log training progress every N iterations")
+    g.add_argument("--log_every", default=50, type=int, metavar="N", help="a progress line every N training (and evaluation) steps")
     g.add_argument("--eval_every", default=1, type=int, metavar="N",
                    help="evaluate every N epochs (and always after the last one)")
     g.add_argument("--max_nonfinite", default=10, type=int, metavar="N",
@@ -229,6 +229,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "through torch.use_deterministic_algorithms, deterministic cuDNN and cuBLAS, and the "
                         "deformable attention's gather path, slower (an op without a deterministic version "
                         "raises)")
+
+    g = parser.add_argument_group("logging", "a progress line every --log_every steps; every metric in "
+                                             "<output_dir>/log.txt (JSON lines)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to <output_dir>/tb: the progress line's numbers every "
+                        "--log_every steps, every averaged loss and metric and the 12 COCO stats every epoch "
+                        "(needs the tensorboard package and --output_dir)")
+    g.add_argument("--tensorboard_images", default=0, type=int, metavar="N",
+                   help="with --tensorboard: the first N val images with their detections at each evaluation")
     return parser
 
 
@@ -315,6 +324,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.overwrite and (args.resume or args.eval or not args.output_dir):
         errors.append("--overwrite starts a fresh training run in --output_dir: it goes with --output_dir, without "
                       "--resume or --eval")
+    if args.tensorboard and args.eval:
+        errors.append("--tensorboard logs training runs: drop it with --eval")
+    elif args.tensorboard and not args.output_dir:
+        errors.append("--tensorboard writes into <output_dir>/tb: add --output_dir")
+    if args.tensorboard_images < 0:
+        errors.append(f"--tensorboard_images must be >= 0, got {args.tensorboard_images}")
+    elif args.tensorboard_images and not args.tensorboard:
+        errors.append("--tensorboard_images draws detections into TensorBoard: add --tensorboard")
     if args.finetune and args.eval:
         errors.append("--eval evaluates the --resume checkpoint: drop --finetune")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

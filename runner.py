@@ -68,6 +68,7 @@ from util.process import (
     seed_everything,
     setup_logging,
 )
+from util.tensorboard import build_tensorboard
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,16 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
         return write_checkpoints(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, output_dir,
                                  run_args=args, lr_drop=args.lr_drop, keep_every=args.checkpoint_every, **state)
 
+    steps_done = state.start_epoch * loader_train.batch_sampler.batches_per_epoch() + state.progress.step
+    tensorboard = build_tensorboard(args, output_dir, steps_done=steps_done)  # None without --tensorboard, off rank 0
+    if tensorboard is not None:
+        stack.callback(tensorboard.close)
+
+    def to_tensorboard(record: Mapping[str, Any]) -> None:
+        if tensorboard is not None and record:
+            tensorboard.epoch(record, model=model_without_ddp, postprocessor=postprocessors["bbox"],
+                              dataset_val=dataset_val, device=device)
+
     start_time = time.time()
     progress = state.progress
     with StopRequest() as stop:
@@ -317,6 +328,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
                                                n_parameters=n_parameters)
         except EvaluationStopped:
             raise signal_stop(stop, f"during the evaluation of epoch {state.start_epoch - 1}", resume_path) from None
+        to_tensorboard(log_stats)
         if resume_path is not None and state.start_epoch >= args.epochs and state.progress.step == 0:
             logger.info("%s is a finished run (%d epochs of %d): nothing to train; raise --epochs to train longer",
                         resume_path, state.start_epoch, args.epochs)
@@ -326,7 +338,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
             loader_train.batch_sampler.set_epoch(epoch, progress.step)
             result = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                      scaler, amp_dtype, args.log_every, progress=progress, stop=stop,
-                                     max_nonfinite=args.max_nonfinite)
+                                     max_nonfinite=args.max_nonfinite,
+                                     on_report=tensorboard.step if tensorboard is not None else None)
             if not result.complete:
                 saved = save(epoch, progress=result.progress)
                 where = (f"in epoch {epoch} after {result.progress.step} of "
@@ -344,6 +357,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
                                          output_dir=output_dir)
             except EvaluationStopped:  # the checkpoint is written: resuming redoes the evaluation
                 raise signal_stop(stop, f"during the evaluation after epoch {epoch}", saved) from None
+            to_tensorboard(log_stats)
             progress = EpochProgress(nonfinite_streak=result.progress.nonfinite_streak)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))

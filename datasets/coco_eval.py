@@ -6,7 +6,7 @@ Usage::
     evaluator.update({image_id: {"scores": [K], "labels": [K], "boxes": [K, 4]}, ...})
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
-    evaluator.summarize()            # logs the usual 12-line table, returns it as text
+    evaluator.summarize()            # the usual 12-line table as text (logged at DEBUG)
     ap = evaluator.stats[0]          # AP@[.5:.95]
 
 ``boxes`` are absolute xyxy pixels of the *original* image, ``labels`` are COCO category ids.
@@ -165,9 +165,10 @@ class CocoEvaluator:
                 'its "categories" (tools/check_dataset.py reports crowd-only images)')
 
     def summarize(self) -> str:
-        """Compute the 12 stats of each iou type; log the COCO table (INFO) and return it as text."""
+        """Compute the 12 stats of each iou type; log the pycocotools table (DEBUG: the console shows the short
+        one of ``util.console.ap_table``) and return it as text."""
         summary = self._compute_stats()
-        logger.info("%s", summary)
+        logger.debug("%s", summary)
         note = self.no_ground_truth_note()
         if note:
             logger.warning("CocoEvaluator: %s", note)

@@ -83,6 +83,23 @@ MUTANTS = (
     Mutant("clip_max_norm_check_removed", "the start-up check of --clip_max_norm < 0 removed",
            (("main.py", "    if args.clip_max_norm < 0:\n", "    if False:\n"),),
            ("tests/test_bad_input.py -k invalid_flags",)),
+    Mutant("console_every_loss", "the console line showing every loss (auxiliary layers, unscaled) again",
+           (("util/console.py", "return {name: smoothed[name] for name in CONSOLE_LOSSES if name in smoothed}",
+             "return {name: v for name, v in smoothed.items() if name.startswith(\"loss\")}"),),
+           ("tests/test_console.py -k last_decoder_layer",)),
+    Mutant("images_per_s_one_process", "images per second counting one process's images only",
+           (("util/console.py", "images += images_per_batch(batch) * world_size", "images += images_per_batch(batch)"),),
+           ("tests/test_console.py -k images_per_second",)),
+    Mutant("tensorboard_eager_import", "tensorboard imported by every run",
+           (("util/tensorboard.py", "import numpy as np\n", "import numpy as np\nimport torch.utils.tensorboard\n"),),
+           ("tests/test_console.py -k never_imports",)),
+    Mutant("tensorboard_no_purge", "a resumed run's TensorBoard steps drawn over those a killed process logged",
+           (("util/tensorboard.py", "SummaryWriter(str(log_dir), purge_step=steps_done + 1)", "SummaryWriter(str(log_dir))"),),
+           ("tests/test_tensorboard.py -k resumed",)),
+    Mutant("browse_boxes_hw", "browsed boxes scaled by (H, W) instead of (W, H)",
+           (("tools/browse_dataset.py", "torch.tensor([width, height, width, height]) * scale",
+             "torch.tensor([height, width, height, width]) * scale"),),
+           ("tests/test_browse_dataset.py -k flip",)),
 )
 
 

@@ -16,7 +16,6 @@ import torch
 import engine
 import runner
 from util import checkpoint as ckpt
-from util.logger import MetricLogger
 from datasets import build_dataset
 from main import parse_args
 from models import build_model
@@ -335,18 +334,6 @@ def test_resumed_schedule_follows_a_new_lr_drop():
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # third drop at epoch 12
-
-
-def test_metric_logger_logs_progress_with_eta(caplog):
-    caplog.set_level(logging.INFO)
-    metrics = MetricLogger()
-    for i in metrics.log_every(range(5), every=2, header="Epoch: [0]"):
-        metrics.update(loss=float(i * i))
-    assert metrics.global_averages() == {"loss": 6.0}
-    progress = [r.getMessage() for r in caplog.records if "eta:" in r.getMessage()]
-    assert [m.split("]")[1].strip("  [") for m in progress] == ["0/5", "2/5", "4/5"]
-    assert "loss: 1.0000 (1.6667)" in progress[1]  # window median (global average) after items 0, 1, 2
-    assert "Epoch: [0] total time" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------

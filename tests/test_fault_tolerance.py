@@ -424,17 +424,17 @@ def kill_at(run: TrainingProcess, out: Path, phase: str, signum: int, rng: rando
     the end-of-epoch checkpoint write (once its temporary file shows), or during the evaluation. False when
     the run ended before."""
     if phase == "step":
-        if not run.wait_for(r"Epoch: \[\d+\]\s+\[", count=rng.randint(1, 3)):
+        if not run.wait_for(r"epoch \d+ \[\s*\d+/", count=rng.randint(1, 3)):
             return False
         time.sleep(rng.uniform(0, 0.1))
     elif phase == "write":
-        if not run.wait_for(r"Epoch \d+ averaged stats"):
+        if not run.wait_for(r"epoch \d+ done: "):
             return False
         deadline = time.monotonic() + 5
         while not any(out.glob(".checkpoint*.tmp")) and time.monotonic() < deadline and run.proc.poll() is None:
             time.sleep(0.002)
     else:
-        if not run.wait_for(r"Test:\s+\["):
+        if not run.wait_for(r"eval \["):
             return False
         time.sleep(rng.uniform(0, 0.05))
     run.send(signum)

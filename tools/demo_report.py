@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from tools.plot_logs import plot_logs, read_log  # noqa: E402
-from tools.predict import PALETTE, detect, load_model  # noqa: E402
-
-COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+from tools.predict import detect, load_model  # noqa: E402
+from util.console import COCO_STAT_NAMES  # noqa: E402
+from util.draw import PALETTE  # noqa: E402
 
 
 def last_evaluation(run_dir: Path) -> Optional[dict[str, Any]]:

@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import PIL.Image
-import PIL.ImageDraw
-import PIL.ImageFont
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +39,7 @@ from datasets.transforms import make_coco_transforms  # noqa: E402
 from main import backbone_name, get_args_parser, parse_args, validate_args  # noqa: E402
 from models import build_model, load_weights_strict  # noqa: E402
 from util.checkpoint import CheckpointMismatchError, load_checkpoint  # noqa: E402
+from util.draw import category_color, draw_boxes  # noqa: E402
 from util.errors import InputError  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.process import keep_freed_memory  # noqa: E402
@@ -64,10 +63,6 @@ COCO_CATEGORY_NAMES = {
     79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
     87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
-
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
-
 
 def model_args(stored: Any, model_flags: Sequence[str], device: str) -> argparse.Namespace:
     """The model's arguments: ``model_flags`` when given (or nothing is stored), else the stored ``args`` laid
@@ -139,23 +134,13 @@ def detect(model: torch.nn.Module, postprocessor, images: Sequence[PIL.Image.Ima
 
 def draw_detections(image: PIL.Image.Image, detections: Sequence[Mapping[str, Any]], names: Mapping[int, str],
                     out: Path) -> None:
+    """``image`` with ``detections`` (COCO format: ``bbox`` [x, y, w, h] pixels, ``category_id``, ``score``), the
+    best drawn last, on top, written to ``out`` as PNG."""
     canvas = image.convert("RGB")
-    draw = PIL.ImageDraw.Draw(canvas)
-    font_size = max(10, min(canvas.size) // 40)
-    try:
-        font = PIL.ImageFont.load_default(size=font_size)
-    except TypeError:  # Pillow < 10.1
-        font = PIL.ImageFont.load_default()
-    line = max(1, min(canvas.size) // 300)
-    for det in sorted(detections, key=lambda d: d["score"]):  # best drawn last, on top
-        x, y, w, h = det["bbox"]
-        color = PALETTE[det["category_id"] % len(PALETTE)]
-        draw.rectangle([x, y, x + w, y + h], outline=color, width=line)
-        text = f"{names.get(det['category_id'], str(det['category_id']))} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        text_y = y - (bottom - top) - 2 if y - (bottom - top) - 2 >= 0 else y
-        draw.rectangle([x, text_y, x + right - left + 4, text_y + bottom - top + 2], fill=color)
-        draw.text((x + 2 - left, text_y + 1 - top), text, fill=(255, 255, 255), font=font)
+    ordered = sorted(detections, key=lambda d: d["score"])
+    draw_boxes(canvas, [(x, y, x + w, y + h) for x, y, w, h in (d["bbox"] for d in ordered)],
+               [category_color(d["category_id"]) for d in ordered],
+               [f"{names.get(d['category_id'], str(d['category_id']))} {d['score']:.2f}" for d in ordered])
     canvas.save(out, format="PNG")
 
 

@@ -1,12 +1,10 @@
-"""Metric logging: smoothed values, progress lines with ETA (through ``logging``)."""
+"""Metric logging: smoothed values and their averages over an epoch (progress lines: util/console.py)."""
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import time
 from collections import deque
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -66,13 +64,12 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Named :class:`SmoothedValue` meters, plus :meth:`log_every`, which wraps an iterable and logs
-    progress, ETA and the meters every N iterations through :mod:`logging`."""
+    """Named :class:`SmoothedValue` meters: window medians for the progress lines, global averages (summed over
+    processes by :meth:`synchronize_between_processes`) for log.txt."""
 
-    def __init__(self, delimiter: str = "  ", log: logging.Logger = logger):
+    def __init__(self, delimiter: str = "  "):
         self.meters: dict[str, SmoothedValue] = {}
         self.delimiter = delimiter
-        self.log = log
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
@@ -90,6 +87,10 @@ class MetricLogger:
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
+    def medians(self) -> dict[str, float]:
+        """The window median of every meter (what the progress lines show)."""
+        return {name: meter.median for name, meter in self.meters.items()}
+
     def totals(self) -> dict[str, tuple[float, int]]:
         """``(total, count)`` of every meter: what its global average is made of."""
         return {name: (meter.total, meter.count) for name, meter in self.meters.items()}
@@ -103,28 +104,3 @@ class MetricLogger:
 
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
-
-    def log_every(self, iterable: Iterable, every: int, header: str = "", done: int = 0,
-                  length: Optional[int] = None) -> Iterator:
-        """Yield the items of ``iterable`` (``length`` of them, default ``len(iterable)``), logging after items
-        0, every, 2*every, ... and the last one, then the total time. ``done`` items came before ``iterable``
-        (a resumed epoch): the count starts there."""
-        total = done + (len(iterable) if length is None else length)  # type: ignore[arg-type]
-        width = len(str(total))
-        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        start = end = time.perf_counter()
-        for i, item in enumerate(iterable, done):
-            data_time.update(time.perf_counter() - end)
-            yield item
-            iter_time.update(time.perf_counter() - end)
-            if i % every == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-                self.log.info("%s", self.delimiter.join(p for p in parts if p))
-            end = time.perf_counter()
-        elapsed = time.perf_counter() - start
-        self.log.info("%s total time: %s (%.4f s / it)", header, datetime.timedelta(seconds=int(elapsed)),
-                      elapsed / max(total - done, 1))

@@ -29,8 +29,9 @@ LOCK_NAME = ".lock"
 
 
 def run_files(output_dir: Path) -> list[Path]:
-    """The files that make ``output_dir`` hold a run: its checkpoints and log.txt."""
-    return sorted([*output_dir.glob("checkpoint*.pth"), *output_dir.glob("log.txt")])
+    """The files that make ``output_dir`` hold a run: its checkpoints, log.txt and the TensorBoard folder tb/."""
+    return sorted([*output_dir.glob("checkpoint*.pth"), *output_dir.glob("log.txt"),
+                   *[p for p in output_dir.glob("tb") if p.is_dir()]])
 
 
 class RunLock:

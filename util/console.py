@@ -1,0 +1,134 @@
+"""What a run prints: one progress line every ``--log_every`` steps of training and evaluation, and the short
+AP table that ends an evaluation.
+
+    epoch 3 [ 250/1000] eta 0:12:31 | 38.2 img/s | lr 2.00e-04 | loss 8.5123 loss_ce 0.7211 loss_bbox 0.2123
+        loss_giou 0.5012 loss_mask_prediction 0.0812 | peak mem 10234 MiB (GPU)        (one line)
+    eval [ 20/125] eta 0:00:31 | 52.1 img/s
+    COCO box AP of 5000 images:
+        AP   AP50   AP75    APs    APm    APl
+      46.1   65.2   49.8   28.1   50.2   60.1
+
+The losses are the weighted ones of the last decoder layer (the log.txt keys without a suffix), smoothed over
+the last steps (median of :class:`util.logger.SmoothedValue`'s window); ``loss_mask_prediction`` appears with
+Sparse DETR (``--rho`` > 0) alone. log.txt keeps every metric. Lines go through :mod:`logging` as plain lines,
+each ending in a newline, on a terminal too: Slurm logs and CI get no carriage-return updates. Under torchrun
+only rank 0 logs at INFO (:func:`util.process.setup_logging`).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The losses of the training line, in this order; the first four are always there, the last with --rho > 0.
+CONSOLE_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask_prediction")
+# The 12 numbers of a COCO box evaluation (``CocoEvaluator.stats``), in their order; the table shows the first 6.
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+TABLE_STATS = 6
+
+
+@dataclass
+class Progress:
+    """Where a loop stands when it logs: ``step`` batches of ``total`` are done (counting those done before a
+    resume), ``eta_s`` seconds to go at the average pace so far, ``images_per_s`` since the previous line
+    (over all processes)."""
+    step: int
+    total: int
+    eta_s: float
+    images_per_s: float
+
+    def __str__(self) -> str:
+        width = len(str(self.total))
+        return (f"[{self.step:{width}d}/{self.total}] eta {datetime.timedelta(seconds=int(self.eta_s))} | "
+                f"{self.images_per_s:.1f} img/s")
+
+
+def peak_memory() -> tuple[float, str]:
+    """``(MiB, source)``: the peak CUDA memory allocated by tensors on the current device once CUDA is in use,
+    else the process's peak resident set size (``"RSS"``)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20, "GPU"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return float("nan"), "RSS"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "RSS"  # bytes on macOS, KiB on Linux
+
+
+def console_losses(smoothed: Mapping[str, float]) -> dict[str, float]:
+    """The losses of :data:`CONSOLE_LOSSES` present in ``smoothed`` (a run's metric values by log.txt key), in
+    that order: no auxiliary-layer (``_0``, ``_enc``), ``_unscaled`` or metric key."""
+    return {name: smoothed[name] for name in CONSOLE_LOSSES if name in smoothed}
+
+
+@dataclass
+class TrainReport:
+    """What a training progress line shows: the epoch, where it stands, the learning rate (of the first
+    parameter group), :func:`console_losses` and the peak memory."""
+    epoch: int
+    progress: Progress
+    lr: float
+    losses: dict[str, float]
+    peak_mib: float
+    peak_source: str
+
+    @classmethod
+    def now(cls, epoch: int, progress: Progress, *, lr: float, smoothed: Mapping[str, float]) -> "TrainReport":
+        """The report at this point; ``smoothed``: the run's metric values by log.txt key."""
+        return cls(epoch, progress, lr, console_losses(smoothed), *peak_memory())
+
+    def line(self) -> str:
+        losses = " ".join(f"{name} {value:.4f}" for name, value in self.losses.items())
+        return (f"epoch {self.epoch} {self.progress} | lr {self.lr:.2e} | {losses} | peak mem {self.peak_mib:.0f} "
+                f"MiB ({self.peak_source})")
+
+    def scalars(self) -> dict[str, float]:
+        """The line's numbers by name: ``lr``, the losses, ``images_per_s``, ``peak_mem_mib``."""
+        return {"lr": self.lr, **self.losses, "images_per_s": self.progress.images_per_s,
+                "peak_mem_mib": self.peak_mib}
+
+
+def eval_line(progress: Progress) -> str:
+    """The evaluation progress line."""
+    return f"eval {progress}"
+
+
+def ap_table(stats: Sequence[float], num_images: int) -> str:
+    """The first 6 COCO stats (AP, AP50, AP75, APs, APm, APl) of ``stats`` as a two-row table, in percent;
+    -1 (no ground truth of that kind) is shown as ``-``."""
+    names = COCO_STAT_NAMES[:TABLE_STATS]
+    values = ["-" if v < 0 else f"{100 * v:.1f}" for v in stats[:TABLE_STATS]]
+    return (f"COCO box AP of {num_images} images:\n" + " ".join(f"{n:>6}" for n in names) + "\n"
+            + " ".join(f"{v:>6}" for v in values))
+
+
+def log_progress(batches: Iterable, *, name: str, total: int, every: int, line: Callable[[Progress], str], done: int = 0,
+                 images_per_batch: Callable[[object], int] = lambda batch: len(batch[1]),
+                 world_size: int = 1, log: logging.Logger = logger) -> Iterator:
+    """Yield the batches of ``batches`` (batch ``done`` to ``total - 1``); after batch 0, every ``every``-th and
+    the last one (once the caller's loop body has run for it), log ``line(progress)``. Images per second
+    count ``images_per_batch`` (default: the length of a ``(samples, targets)`` batch's targets) times
+    ``world_size`` (each process runs as many batches). Ends, when every batch was taken, with the line
+    ``"<name> done: <steps> steps in <time> (<s> s / step)"``."""
+    start = last_time = time.perf_counter()
+    images = 0
+    step = done
+    for step, batch in enumerate(batches, done):
+        yield batch
+        images += images_per_batch(batch) * world_size
+        if step % every == 0 or step == total - 1:
+            now = time.perf_counter()
+            eta = (now - start) / (step + 1 - done) * (total - step - 1)
+            log.info("%s", line(Progress(step + 1, total, eta, images / max(now - last_time, 1e-9))))
+            images, last_time = 0, now
+    elapsed = time.perf_counter() - start
+    steps = max(step + 1 - done, 1)
+    log.info("%s done: %d step%s in %s (%.3f s / step)", name, steps, "s" * (steps != 1), datetime.timedelta(seconds=int(elapsed)), elapsed / steps)
