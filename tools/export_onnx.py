@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, OnnxDetector, default_verify_sizes,  # noqa: E402
                            export_onnx, min_side, verify_onnx)
 from models.inference import config_script_flags, load_model, parse_model_flags  # noqa: E402
+from util.checkpoint import CheckpointMismatchError  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,15 @@ def check_out_path(out: Path) -> None:
         raise SystemExit(f"error: --out {out}: not writable; choose a writable path")
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line: for a checkpoint that does not fit, its first line and likely cause
+    (the tensor listing is left out; tools/predict.py prints it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, CheckpointMismatchError):
+        lines = [lines[0]] + [line for line in lines if line.startswith(("likely cause", "Here:"))]
+    return " ".join(lines)
+
+
 def build_detector(args: argparse.Namespace, model_flags: list[str]) -> OnnxDetector:
     """The model to export, in eval mode on the CPU, wrapped with its post-processing."""
     if args.config:
@@ -115,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         names = export_onnx(detector, out, example_size=tuple(args.export_size), opset=args.opset,
                             with_mask=args.with_mask)
     except (FileNotFoundError, InputError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {one_line(err)}") from None
     except PermissionError as err:
         raise SystemExit(f"error: --out {out}: {err.strerror}; choose a writable path") from None
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, {time.perf_counter() - start:.0f} s): "
