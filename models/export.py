@@ -77,10 +77,9 @@ def min_side(model: nn.Module) -> int:
     """The smallest H and W the graph accepts: 64 px (the deepest map needs 2 px), more for two-stage models,
     whose images must give at least as many tokens as queries."""
     side = 64
-    transformer = getattr(model, "transformer", None)
-    if getattr(transformer, "two_stage", False):
+    if two_stage(model):
         strides = level_strides(model)
-        while sum(math.ceil(side / s) ** 2 for s in strides) < transformer.two_stage_num_proposals:
+        while sum(math.ceil(side / s) ** 2 for s in strides) < model.transformer.two_stage_num_proposals:
             side += 32
     return side
 
@@ -126,10 +125,15 @@ def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[
                 tolerance: float = DEFAULT_TOLERANCE, batch: int = 1, with_mask: bool = False, threads: int = 0,
                 seed: int = 1) -> list[dict]:
     """Run the ONNX file in onnxruntime (CPU) and ``detector`` in PyTorch on random normalised images of each
-    (H, W) in ``sizes`` (``batch`` images each; with ``with_mask`` the second image of a batch is padded: its
+    (H, W) in ``sizes`` (``batch`` images each; with ``with_mask`` the images after the first are padded: their
     bottom and right quarter are masked). Returns one record per size: ``size``, ``logits_diff``,
     ``boxes_diff`` (max abs differences), the kept counts of both (Sparse DETR) and ``ok`` (diffs within
-    ``tolerance`` and equal kept counts)."""
+    ``tolerance`` and equal kept counts).
+
+    Two-stage models rank every token's proposal, padding included, as the reference does; all padding
+    tokens score alike, and where that score reaches the top (random weights) the tie is broken differently
+    by PyTorch and onnxruntime. Their padded images are therefore left out of the diffs (reported as
+    ``padded_logits_diff``); the kept counts of every image are still compared."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -153,9 +157,13 @@ def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[
         with torch.no_grad():
             expected = detector(images, mask if "pixel_mask" in inputs else None)
         got = dict(zip(names, session.run(None, feed)))
-        record = {"size": (h, w),
-                  "logits_diff": float((torch.from_numpy(got["pred_logits"]) - expected["pred_logits"]).abs().max()),
-                  "boxes_diff": float((torch.from_numpy(got["pred_boxes"]) - expected["pred_boxes"]).abs().max())}
+        diffs = {key: (torch.from_numpy(got[key]) - expected[key]).abs().flatten(1).max(1)[0]
+                 for key in ("pred_logits", "pred_boxes")}
+        strict = ~mask.flatten(1).any(1) if two_stage(detector.model) else torch.ones(batch, dtype=torch.bool)
+        record = {"size": (h, w), "logits_diff": float(diffs["pred_logits"][strict].max()),
+                  "boxes_diff": float(diffs["pred_boxes"][strict].max())}
+        if not strict.all():
+            record["padded_logits_diff"] = float(diffs["pred_logits"][~strict].max())
         ok = record["logits_diff"] <= tolerance and record["boxes_diff"] <= tolerance
         if "kept_counts" in expected:
             record["kept_counts"] = expected["kept_counts"].tolist()
@@ -164,6 +172,10 @@ def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[
         record["ok"] = ok
         records.append(record)
     return records
+
+
+def two_stage(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "transformer", None), "two_stage", False))
 
 
 def default_verify_sizes(example_size: tuple[int, int], low: int) -> list[tuple[int, int]]:
