@@ -127,8 +127,9 @@ def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[
     """Run the ONNX file in onnxruntime (CPU) and ``detector`` in PyTorch on random normalised images of each
     (H, W) in ``sizes`` (``batch`` images each; with ``with_mask`` the images after the first are padded: their
     bottom and right quarter are masked). Returns one record per size: ``size``, ``logits_diff``,
-    ``boxes_diff`` (max abs differences), the kept counts of both (Sparse DETR) and ``ok`` (diffs within
-    ``tolerance`` and equal kept counts).
+    ``boxes_diff`` (max abs differences of each query and its counterpart, see :func:`matched_differences`),
+    ``reordered_queries``, the kept counts of both (Sparse DETR) and ``ok`` (diffs within ``tolerance`` and
+    equal kept counts).
 
     Two-stage models rank every token's proposal, padding included, as the reference does; all padding
     tokens score alike, and where that score reaches the top (random weights) the tie is broken differently
@@ -157,13 +158,15 @@ def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[
         with torch.no_grad():
             expected = detector(images, mask if "pixel_mask" in inputs else None)
         got = dict(zip(names, session.run(None, feed)))
-        diffs = {key: (torch.from_numpy(got[key]) - expected[key]).abs().flatten(1).max(1)[0]
-                 for key in ("pred_logits", "pred_boxes")}
+        diffs = [matched_differences(expected["pred_logits"][i], expected["pred_boxes"][i],
+                                     torch.from_numpy(got["pred_logits"][i]), torch.from_numpy(got["pred_boxes"][i]))
+                 for i in range(batch)]
         strict = ~mask.flatten(1).any(1) if two_stage(detector.model) else torch.ones(batch, dtype=torch.bool)
-        record = {"size": (h, w), "logits_diff": float(diffs["pred_logits"][strict].max()),
-                  "boxes_diff": float(diffs["pred_boxes"][strict].max())}
+        held = [d for d, keep in zip(diffs, strict.tolist()) if keep]
+        record = {"size": (h, w), "logits_diff": max(d[0] for d in held), "boxes_diff": max(d[1] for d in held),
+                  "reordered_queries": sum(d[2] for d in held)}
         if not strict.all():
-            record["padded_logits_diff"] = float(diffs["pred_logits"][~strict].max())
+            record["padded_logits_diff"] = max(d[0] for d, keep in zip(diffs, strict.tolist()) if not keep)
         ok = record["logits_diff"] <= tolerance and record["boxes_diff"] <= tolerance
         if "kept_counts" in expected:
             record["kept_counts"] = expected["kept_counts"].tolist()
@@ -172,6 +175,24 @@ def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[
         record["ok"] = ok
         records.append(record)
     return records
+
+
+def matched_differences(logits: Tensor, boxes: Tensor, other_logits: Tensor, other_boxes: Tensor
+                        ) -> tuple[float, float, int]:
+    """(max abs logits difference, max abs boxes difference, queries that changed place) of one image's two
+    sets of predictions [Q, K] and [Q, 4], each query compared with its counterpart in the other set.
+
+    The predictions are a set: in two-stage models the queries are the proposals in score order, and two
+    proposals whose scores differ by rounding (1e-6 among 17,000 tokens) can swap places between PyTorch and
+    onnxruntime. Counterparts are therefore paired by a minimum-cost assignment of the max abs difference;
+    without such swaps the pairing is the identity."""
+    from scipy.optimize import linear_sum_assignment
+    cost = torch.maximum(torch.cdist(logits.double(), other_logits.double(), p=float("inf")),
+                         torch.cdist(boxes.double(), other_boxes.double(), p=float("inf")))
+    rows, cols = linear_sum_assignment(cost.numpy())
+    rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+    return (float((logits[rows] - other_logits[cols]).abs().max()), float((boxes[rows] - other_boxes[cols]).abs().max()),
+            int((rows != cols).sum()))
 
 
 def two_stage(model: nn.Module) -> bool:

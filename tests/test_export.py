@@ -89,3 +89,18 @@ def test_unwritable_output_path_gives_one_line(tmp_path, capsys):
     message = run_error(capsys, ["--random_init", "--out", str(blocker / "m.onnx"), "--", *EXPORT_TINY])
     assert "cannot create its folder" in message
     assert "is a folder" in run_error(capsys, ["--random_init", "--out", str(tmp_path), "--", *EXPORT_TINY])
+
+
+def test_verify_pairs_reordered_queries_but_not_different_ones():
+    """Catches: a comparison that fails a correct export whose near-tied proposals swapped two queries, or one
+    that pairs queries so loosely that a wrong value passes."""
+    from models.export import matched_differences
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(6, 3, generator=g), torch.rand(6, 4, generator=g)
+    order = torch.tensor([0, 2, 1, 3, 4, 5])
+    assert matched_differences(logits, boxes, logits[order], boxes[order]) == (0.0, 0.0, 2)
+    assert matched_differences(logits, boxes, logits + 1e-6, boxes)[2] == 0
+    wrong = logits.clone()
+    wrong[4, 1] += 0.5
+    logits_diff, boxes_diff, _ = matched_differences(logits, boxes, wrong, boxes)
+    assert abs(logits_diff - 0.5) < 1e-6 and boxes_diff == 0.0

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, OnnxDetector, default_verify_sizes,  # noqa: E402
-                           export_onnx, min_side, verify_onnx)
+from models.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, MAX_SIDE, OnnxDetector,  # noqa: E402
+                           default_verify_sizes, export_onnx, min_side, verify_onnx)
 from models.inference import config_script_flags, load_model, parse_model_flags  # noqa: E402
 from util.checkpoint import CheckpointMismatchError  # noqa: E402
 from util.errors import InputError  # noqa: E402
@@ -121,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     check_out_path(out)
     try:
         detector = build_detector(args, model_flags)
+        low = min_side(detector.model)
         start = time.perf_counter()
         names = export_onnx(detector, out, example_size=tuple(args.export_size), opset=args.opset,
                             with_mask=args.with_mask)
@@ -129,10 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     except PermissionError as err:
         raise SystemExit(f"error: --out {out}: {err.strerror}; choose a writable path") from None
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, {time.perf_counter() - start:.0f} s): "
-          f"inputs {'images, pixel_mask' if args.with_mask else 'images'}; outputs {', '.join(names)}")
+          f"inputs {'images, pixel_mask' if args.with_mask else 'images'} (batch 1-64, H and W in [{low}, {MAX_SIDE}] "
+          f"px); outputs {', '.join(names)}")
     if not args.verify:
         return []
-    low = min_side(detector.model)
     if args.verify_sizes:
         sizes = list(zip(args.verify_sizes[0::2], args.verify_sizes[1::2]))
     else:
@@ -141,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                           with_mask=args.with_mask, threads=args.threads)
     for record in records:
         kept = f", kept tokens {record['kept_counts']} (onnx {record['onnx_kept_counts']})" if "kept_counts" in record else ""
+        if record["reordered_queries"]:
+            kept += f", {record['reordered_queries']} queries in another order (near-equal proposal scores)"
         if "padded_logits_diff" in record:
             kept += f" (padded images, not held to the tolerance: logits {record['padded_logits_diff']:.2e})"
         print(f"verify {record['size'][0]}x{record['size'][1]}: max |logits diff| {record['logits_diff']:.2e}, "
