@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, MAX_SIDE, OnnxDetector,  # noqa: E402
                            default_verify_sizes, export_onnx, min_side, verify_onnx)
-from models.inference import config_script_flags, load_model, parse_model_flags  # noqa: E402
+from models.inference import Detector  # noqa: E402
 from util.checkpoint import CheckpointMismatchError  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
@@ -98,19 +98,14 @@ def one_line(error: Exception) -> str:
 
 
 def build_detector(args: argparse.Namespace, model_flags: list[str]) -> OnnxDetector:
-    """The model to export, in eval mode on the CPU, wrapped with its post-processing."""
-    if args.config:
-        model_flags = config_script_flags(args.config)
+    """The model to export (``models.inference.Detector``), in eval mode on the CPU, with its post-processing."""
+    flags = args.config or model_flags
     if args.random_init:
-        from models import build_model
-        margs = parse_model_flags(model_flags, "cpu")
-        torch.manual_seed(0)
-        model, _, postprocessors = build_model(margs, load_backbone_weights=False)
-        postprocessor = postprocessors["bbox"]
+        detector = Detector.from_flags(flags, device="cpu")
     else:
-        model, postprocessor, _ = load_model(args.resume, model_flags, "cpu", trust=args.trust_checkpoint,
-                                             weights=args.weights)
-    return OnnxDetector(model=model.eval(), postprocessor=postprocessor).eval()
+        detector = Detector.from_checkpoint(args.resume, flags, device="cpu", weights=args.weights,
+                                            trust=args.trust_checkpoint)
+    return OnnxDetector(model=detector.model, postprocessor=detector.postprocessor).eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
