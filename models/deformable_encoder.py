@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import MSDeformAttn
+from .ops import LevelShapes, MSDeformAttn
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -67,14 +67,15 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, query: Tensor, query_pos: Tensor, reference_points: Tensor, value: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """query [B, K, C] attends to value [B, S, C] (K = S, or the kept tokens of the sparse encoder).
+                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor,
+                level_shapes: Optional[LevelShapes] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """query [B, K, C] attends to value [B, S, C] (K = S, or the kept tokens of the sparse encoder);
+        ``level_shapes``: ``spatial_shapes`` as Python ints (see ``models/ops/ms_deform_attn_func.py``).
 
         Returns the updated queries [B, K, C], sampling locations and attention weights.
         """
         attended, locations, weights = self.self_attn(query + query_pos, reference_points, value, spatial_shapes,
-                                                      level_start_index, padding_mask)
+                                                      level_start_index, padding_mask, level_shapes)
         query = self.norm1(query + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(query))))
         query = self.norm2(query + self.dropout3(ffn))
@@ -98,14 +99,17 @@ class DeformableTransformerEncoder(nn.Module):
         self.bbox_embed = bbox_embed
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(level_shapes: LevelShapes, valid_ratios: Tensor) -> Tensor:
         """Centre of every token, normalised by its level's valid (unpadded) size and mapped onto
-        every level -> [B, S, L, 2] (x, y), relative to each level's padded map."""
+        every level -> [B, S, L, 2] (x, y), relative to each level's padded map. ``level_shapes``:
+        (H_l, W_l) per level, Python ints."""
         points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_shapes):
+            # arange + 0.5 equals the reference's linspace(0.5, h - 0.5, h) exactly, and stays exportable
+            # with a symbolic h (linspace would freeze it).
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
+                torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
                 indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
@@ -114,7 +118,8 @@ class DeformableTransformerEncoder(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                 valid_ratios: Tensor, padding_mask: Tensor, kept_index: Optional[Tensor] = None,
-                kept_counts: Optional[Tensor] = None, proposals_unact: Optional[Tensor] = None) -> dict:
+                kept_counts: Optional[Tensor] = None, proposals_unact: Optional[Tensor] = None,
+                level_shapes: Optional[LevelShapes] = None) -> dict:
         """
         Args:
             src, pos:        [B, S, C] tokens and their (level) position embeddings.
@@ -122,11 +127,14 @@ class DeformableTransformerEncoder(nn.Module):
             kept_index:      [B, K] tokens to update (Sparse DETR); None updates all tokens.
             kept_counts:     [B] how many of ``kept_index`` each image writes back (its own count).
             proposals_unact: [B, S, 4] proposal boxes (logits) of every token, for the aux heads.
+            level_shapes:    ``spatial_shapes`` [L, 2] as Python ints (read from it when None).
 
         Returns a dict: ``memory`` [B, S, C] and, with aux heads, ``aux_logits`` / ``aux_boxes``:
         lists (one per layer but the last) of [B, K, num_classes] / [B, K, 4] (sigmoid boxes).
         """
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        if level_shapes is None:
+            level_shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        reference_points = self.reference_points(level_shapes, valid_ratios)
         query, query_pos = src, pos
         if kept_index is not None:
             reference_points = gather_tokens(reference_points, kept_index)
@@ -137,7 +145,7 @@ class DeformableTransformerEncoder(nn.Module):
         aux_logits, aux_boxes = [], []
         for layer_id, layer in enumerate(self.layers):
             query, _, _ = layer(query, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                padding_mask)
+                                padding_mask, level_shapes)
             memory = query if kept_index is None else self.write_back(memory, query, kept_index, kept_counts)
             if self.class_embed is not None and layer_id < self.num_layers - 1:
                 aux_logits.append(self.class_embed[layer_id](query))

@@ -18,7 +18,7 @@ from util.errors import InputError
 from .deformable_encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer, MaskPredictor,
                                  clones, gather_tokens)
 from .heads import refine_box_logits
-from .ops import MSDeformAttn
+from .ops import LevelShapes, MSDeformAttn, is_exporting
 
 
 class FlatLevels(NamedTuple):
@@ -30,6 +30,7 @@ class FlatLevels(NamedTuple):
     level_start_index: Tensor  # [L] first token of each level
     valid_sizes: Tensor        # [B, L, 2] (w, h) unpadded size of each level, in tokens
     valid_ratios: Tensor       # [B, L, 2] (w, h) unpadded fraction of each level
+    level_shapes: LevelShapes  # spatial_shapes as Python ints (symbolic while exporting: the graph keeps H, W free)
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -51,12 +52,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor,
+                level_shapes: Optional[LevelShapes] = None) -> tuple[Tensor, Tensor, Tensor]:
         q = k = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
         attended, locations, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
-                                                       level_start_index, padding_mask)
+                                                       level_start_index, padding_mask, level_shapes)
         tgt = self.norm1(tgt + self.dropout1(attended))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         tgt = self.norm3(tgt + self.dropout4(ffn))
@@ -82,11 +83,12 @@ class DeformableTransformerDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
-                padding_mask: Tensor) -> dict:
+                padding_mask: Tensor, level_shapes: Optional[LevelShapes] = None) -> dict:
         """
         Args:
             tgt, query_pos:   [B, Q, C] query contents and positions.
             reference_points: [B, Q, 2] normalised points or [B, Q, 4] boxes (cxcywh, sigmoid space).
+            level_shapes:     ``spatial_shapes`` as Python ints (see ``models/ops/ms_deform_attn_func.py``).
 
         Returns a dict with ``hs`` [n_layers, B, Q, C], ``sampling_locations``
         [B, n_layers, Q, heads, L, P, 2], ``attention_weights`` [B, n_layers, Q, heads, L, P] and, with
@@ -98,7 +100,7 @@ class DeformableTransformerDecoder(nn.Module):
         for layer_id, layer in enumerate(self.layers):
             # References are relative to the valid image; the op samples the padded map.
             tgt, locations, weights = layer(tgt, query_pos, reference_points[:, :, None] * ratios[:, None], memory,
-                                            spatial_shapes, level_start_index, padding_mask)
+                                            spatial_shapes, level_start_index, padding_mask, level_shapes)
             hs.append(tgt)
             all_locations.append(locations)
             all_weights.append(weights)
@@ -195,7 +197,12 @@ class DeformableTransformer(nn.Module):
     # -- the steps of ``forward``, in order
     def flatten_levels(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]) -> FlatLevels:
         """L maps [B, C, H_l, W_l], masks [B, H_l, W_l] and position encodings -> one token sequence."""
-        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
+        level_shapes = tuple((src.shape[-2], src.shape[-1]) for src in srcs)
+        if is_exporting():  # from the symbolic sizes: as_tensor would freeze them at the example's
+            spatial_shapes = torch.stack([torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=srcs[0].device)
+                                                       for size in shape]) for shape in level_shapes])
+        else:
+            spatial_shapes = torch.as_tensor(level_shapes, dtype=torch.long, device=srcs[0].device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         pos = [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
                for level, pos in enumerate(pos_embeds)]
@@ -210,7 +217,7 @@ class DeformableTransformer(nn.Module):
         return FlatLevels(src=torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1), pos=torch.cat(pos, 1),
                           mask=torch.cat([mask.flatten(1) for mask in masks], 1), spatial_shapes=spatial_shapes,
                           level_start_index=level_start_index, valid_sizes=torch.stack(valid_sizes, 1),
-                          valid_ratios=torch.stack(valid_ratios, 1))
+                          valid_ratios=torch.stack(valid_ratios, 1), level_shapes=level_shapes)
 
     @staticmethod
     def token_proposals(levels: FlatLevels) -> tuple[Tensor, Tensor]:
@@ -221,10 +228,11 @@ class DeformableTransformer(nn.Module):
         """
         batch, device = levels.mask.shape[0], levels.mask.device
         proposals = []
-        for level, (h, w) in enumerate(levels.spatial_shapes.tolist()):
-            grid_y, grid_x = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
-                                            torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
-                                            indexing="ij")
+        for level, (h, w) in enumerate(levels.level_shapes):
+            # arange, not the reference's linspace(0, h - 1, h): the same integers, and exportable with a
+            # symbolic h (linspace would freeze it).
+            grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
             grid = torch.stack([grid_x, grid_y], -1)
             scale = levels.valid_sizes[:, level].view(batch, 1, 1, 2)
             centres = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
@@ -250,13 +258,25 @@ class DeformableTransformer(nn.Module):
         largest count) and ``sparse_token_nums`` [B] int32 (each image's own count).
         """
         kept_counts = ((~levels.mask).sum(-1) * self.rho).int() + 1
-        num_kept = min(int(kept_counts.max()), levels.src.shape[1])
+        num_kept = self.largest_kept_count(kept_counts, levels.src.shape[1])
         scores = self.enc_mask_predictor(
             self.project_tokens(levels.src + levels.pos, levels.mask, proposals_valid)).squeeze(-1)
         # Padding never wins a place (-inf, where the reference's minimum could tie with a valid token).
         kept_index = torch.topk(scores.masked_fill(levels.mask, float("-inf")), num_kept, dim=1)[1]
         return {"backbone_mask_prediction": scores.masked_fill(levels.mask, scores.min()),
                 "backbone_topk_proposals": kept_index, "sparse_token_nums": kept_counts}
+
+    @staticmethod
+    def largest_kept_count(kept_counts: Tensor, num_tokens: int) -> int:
+        """K = the batch's largest kept count, at most the ``num_tokens`` there are: a data-dependent size.
+        While exporting it stays symbolic (the ONNX graph computes it from each image's valid tokens and
+        TopK takes it as an input); the checks tell ``torch.export`` the bounds it may assume."""
+        largest = kept_counts.max()
+        if not is_exporting():
+            return min(int(largest), num_tokens)
+        largest = largest.item()
+        torch._check(largest >= 1)
+        return torch.sym_min(largest, num_tokens)
 
     @staticmethod
     def proposal_pos_embed(proposals_unact: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0
@@ -336,7 +356,8 @@ class DeformableTransformer(nn.Module):
 
         encoded = self.encoder(levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index,
                                levels.valid_ratios, levels.mask, kept_index=kept_index, kept_counts=kept_counts,
-                               proposals_unact=proposals_unact if self.use_enc_aux_loss else None)
+                               proposals_unact=proposals_unact if self.use_enc_aux_loss else None,
+                               level_shapes=levels.level_shapes)
         memory = encoded["memory"]
         if self.use_enc_aux_loss:
             out.update(enc_aux_logits=encoded["aux_logits"], enc_aux_boxes=encoded["aux_boxes"])
@@ -349,7 +370,7 @@ class DeformableTransformer(nn.Module):
             tgt, query_pos, reference_points = self.learned_queries(query_embed, memory.shape[0])
 
         decoded = self.decoder(tgt, query_pos, reference_points, memory, levels.spatial_shapes,
-                               levels.level_start_index, levels.valid_ratios, levels.mask)
+                               levels.level_start_index, levels.valid_ratios, levels.mask, levels.level_shapes)
         out.update(hs=decoded["hs"], init_reference=reference_points,
                    sampling_locations_dec=decoded["sampling_locations"],
                    attn_weights_dec=decoded["attention_weights"])

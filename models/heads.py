@@ -60,9 +60,19 @@ class PostProcess(nn.Module):
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict[str, Tensor]]:
         """target_sizes: [B, 2] (h, w) of the original images. Returns B dicts of ``scores`` [N],
         ``labels`` [N] and ``boxes`` [N, 4] (xyxy, pixels)."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits = outputs["pred_logits"]
         if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2:
             raise ValueError(f"target_sizes must be [{len(logits)}, 2], got {list(target_sizes.shape)}")
+        dets = self.select(logits, outputs["pred_boxes"])
+        img_h, img_w = target_sizes.unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(dets["boxes"].dtype)
+        boxes = dets["boxes"] * scale[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(dets["scores"], dets["labels"], boxes)]
+
+    def select(self, logits: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+        """The batch's detections before scaling: ``scores`` [B, N], ``labels`` [B, N] and ``boxes`` [B, N, 4]
+        (xyxy, normalised to each image), N = ``num_select`` (focal) or Q (softmax), from ``pred_logits``
+        [B, Q, K] and ``pred_boxes`` [B, Q, 4] (cxcywh)."""
         boxes = box_ops.box_cxcywh_to_xyxy(boxes)
         if self.focal:
             num_classes = logits.shape[2]
@@ -72,7 +82,4 @@ class PostProcess(nn.Module):
             boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
         else:
             scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        img_h, img_w = target_sizes.unbind(1)
-        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
-        boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return {"scores": scores, "labels": labels, "boxes": boxes}

@@ -58,3 +58,21 @@ MODELS_SPARSE = ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_
 PREDICT_TINY = ["--backbone", "resnet18", "--backbone_from_scratch", "--hidden_dim", "64", "--nheads", "2",
                 "--enc_layers", "1", "--dec_layers", "1", "--dim_feedforward", "64", "--num_queries", "10",
                 "--num_feature_levels", "2", "--num_classes", "5", "--device", "cpu"]
+
+# tests/test_export.py
+# The smallest model of each variant: its ONNX export and check dominate, so one layer, 32 wide, 2 levels.
+EXPORT_TINY = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1",
+               "--dec_layers", "1", "--dim_feedforward", "32", "--num_queries", "8", "--num_classes", "5",
+               "--enc_n_points", "2", "--dec_n_points", "2", "--num_feature_levels", "2"]
+EXPORT_VARIANTS = {
+    "deformable": [],
+    "refine": ["--with_box_refine"],
+    "two_stage": ["--with_box_refine", "--two_stage"],
+    "efficient_detr": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head"],
+    "sparse_detr": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.3",
+                    "--use_enc_aux_loss", "--enc_layers", "2"],
+    "detr": ["--model", "detr"],
+    "sdetr": ["--model", "sdetr", "--sdetr_stage1_enc_layers", "1", "--sdetr_stage1_dec_layers", "1", "--sdetr_stage1_enc_heads", "2",
+              "--sdetr_stage1_dec_heads", "2", "--sdetr_stage2_enc_layers", "1", "--sdetr_stage2_dec_layers", "1",
+              "--sdetr_stage2_dec_heads", "2"],
+}

@@ -22,6 +22,10 @@ frozen as with ImageNet weights (stem and layer1). Every measurement uses one ra
   copies of the image with random valid targets, timed as above. A mode the device's autocast does not
   support is skipped with a printed note.
 
+``--runtimes`` adds rows for other runtimes of each detector beside PyTorch eager (``fps`` only, CPU for
+onnxruntime): ``onnxruntime`` (the ONNX export of models/export.py) and ``compile`` (``torch.compile``), each
+checked against eager on the image first (tools/bench_runtimes.py; the agreement is a note under the table).
+
 The default models start with ``reference_r50_backbone``: the reference implementations' ResNet-50 alone
 (:class:`ReferenceBackbone`), a lower bound on their models' time, measured in the same run as ours.
 On CPU the process keeps freed memory for reuse, as ``main.py`` does (``--system_malloc`` to compare).
@@ -46,6 +50,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools import bench_runtimes  # noqa: E402
 from engine import train_step  # noqa: E402
 from runner import AMP_DTYPES, build_optimizer  # noqa: E402
 from main import parse_args  # noqa: E402
@@ -203,18 +208,39 @@ def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: a
     return opts.train_batch_size / seconds
 
 
-def inference_cells(names: list[str], image: torch.Tensor, opts: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """The ``cost`` and ``fps`` cells (those ``opts.measure`` asks for) of each model, by name."""
+def inference_cells(names: list[str], image: torch.Tensor, opts: argparse.Namespace,
+                    notes: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    """The ``cost`` and ``fps`` cells (those ``opts.measure`` asks for) of each model, by name; with other
+    ``opts.runtimes`` than eager also the ``fps`` cells of each detector's other runtimes, as rows named
+    "<model> (<runtime>)" after it (notes on them appended to ``notes``)."""
     models = {name: build(name, image.device, opts.model_args)[0].requires_grad_(False).eval() for name in names}
-    cells: dict[str, dict[str, float]] = {name: {} for name in names}
+    runtimes = getattr(opts, "runtimes", ["eager"])
+    with bench_runtimes.temporary_folder() as workdir:
+        if "fps" in opts.measure and runtimes != ["eager"]:
+            for name in names:
+                if name != YARDSTICK:
+                    models.update(bench_runtimes.runtime_models(name, models[name], batch_of(image, 1), runtimes,
+                                                                notes if notes is not None else [], Path(workdir)))
+        if "eager" not in runtimes:
+            models = {name: model for name, model in models.items() if name == YARDSTICK or " (" in name}
+        return measure_cells(models, image, opts)
+
+
+def measure_cells(models: dict[str, Callable], image: torch.Tensor, opts: argparse.Namespace
+                  ) -> dict[str, dict[str, float]]:
+    """``inference_cells`` of the built models (and runtimes, which have no cost cells)."""
+    cells: dict[str, dict[str, float]] = {name: {} for name in models}
     if "cost" in opts.measure:
         for name, model in models.items():
+            if not isinstance(model, torch.nn.Module):
+                cells[name].update(params_m=None, gmacs=None)
+                continue
             cells[name]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
             cells[name]["gmacs"] = multiply_adds(model, image) / 1e9
     if "fps" in opts.measure:
         for batch_size in opts.batch_sizes:
             fps = inference_fps(models, image, batch_size, opts.warmup, opts.repeats)
-            for name in names:
+            for name in models:
                 cells[name][f"fps_bs{batch_size}"] = fps[name]
     return cells
 
@@ -299,6 +325,9 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
                              "(CPUs without AVX512-FP16 emulate fp16: a full training step takes minutes)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first; default 1 on CPU, 10 on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 5 on CPU, 50 on CUDA")
+    parser.add_argument("--runtimes", nargs="+", default=["eager"], choices=bench_runtimes.RUNTIMES,
+                        help="runtimes timed for each detector (fps): PyTorch eager, onnxruntime (CPU: the ONNX "
+                             "export), torch.compile; the others are checked against eager first")
     parser.add_argument("--model_args", default="",
                         help="extra main.py flags for every model, e.g. '--backbone resnet18'")
     parser.add_argument("--jsonl", default="", help="also append one JSON object per model to this file")
@@ -329,10 +358,14 @@ def model_benchmark(argv: list[str]) -> None:
     # All models' inference first, timed in turn; then each model's training, its row printed when done.
     rows = {name: {"model": name} for name in opts.models}
     if "cost" in opts.measure or "fps" in opts.measure:
-        for name, cells in inference_cells(opts.models, image, opts).items():
-            rows[name].update(cells)
+        for name, cells in inference_cells(opts.models, image, opts, notes).items():
+            rows.setdefault(name, {"model": name}).update(cells)
+    # Each runtime's row right under its model's; rows of a runtime-only run keep their models' order.
+    rows = {name: rows[name] for model in opts.models for name in rows if name == model or name.startswith(f"{model} (")}
     for name, row in rows.items():
-        if "train" in opts.measure:
+        if "train" in opts.measure and " (" in name:
+            row.update({f"train_images_per_s_{amp}": None for amp in opts.amp})
+        elif "train" in opts.measure:
             row.update(training_cells(name, image, opts, notes))
         print(format_row(row, cols), flush=True)
         if opts.jsonl:

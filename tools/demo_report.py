@@ -27,13 +27,12 @@ matplotlib.use("Agg")
 import matplotlib.patches as patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import PIL.Image  # noqa: E402
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.transforms import make_coco_transforms  # noqa: E402
 from tools.plot_logs import plot_logs, read_log  # noqa: E402
-from tools.predict import detect, load_model  # noqa: E402
+from models.inference import Detector  # noqa: E402
+from tools.predict import load_model  # noqa: E402
 from util.console import COCO_STAT_NAMES  # noqa: E402
 from util.draw import PALETTE  # noqa: E402
 
@@ -57,13 +56,13 @@ def plot_predictions(checkpoint: Path, coco_path: Path, out: Path, num_images: i
         boxes_of.setdefault(ann["image_id"], []).append(ann)
 
     model, postprocessor, args = load_model(checkpoint, [], "cpu")
-    transform = make_coco_transforms("val", val_size=args.val_size, max_size=args.max_size)
+    detector = Detector(model=model, postprocessor=postprocessor, device="cpu", val_size=args.val_size,
+                        max_size=args.max_size, batch_size=len(images))
     pictures = []
     for info in images:
         with PIL.Image.open(coco_path / "val2017" / info["file_name"]) as image:
             pictures.append(image.convert("RGB"))
-    with torch.no_grad():
-        detections = detect(model, postprocessor, pictures, transform, "cpu")
+    detections = detector(pictures)
 
     rows = math.ceil(len(images) / columns)
     columns = min(columns, len(images))

@@ -35,67 +35,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
-from datasets.transforms import make_coco_transforms  # noqa: E402
-from main import backbone_name, get_args_parser, parse_args, validate_args  # noqa: E402
-from models import build_model, load_weights_strict  # noqa: E402
-from util.checkpoint import CheckpointMismatchError, load_checkpoint  # noqa: E402
+from models import inference  # noqa: E402
 from util.draw import category_color, draw_boxes  # noqa: E402
 from util.errors import InputError  # noqa: E402
-from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.process import keep_freed_memory  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-# The 80 COCO detection categories by their ids (1-90, ten ids unused).
-COCO_CATEGORY_NAMES = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
-    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
-    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
-    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
-    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
-    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
-    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
-    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
-    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
-    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
-    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
-}
-
-def model_args(stored: Any, model_flags: Sequence[str], device: str) -> argparse.Namespace:
-    """The model's arguments: ``model_flags`` when given (or nothing is stored), else the stored ``args`` laid
-    over today's defaults (older and official checkpoints lack newer flags). The backbone is never initialised
-    from ImageNet weights: the checkpoint replaces them."""
-    if model_flags or stored is None:
-        return parse_args(["--device", device, "--backbone_from_scratch", *model_flags])
-    saved = vars(stored) if isinstance(stored, argparse.Namespace) else dict(stored)
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False)
-    values = vars(parser.parse_args([]))
-    values.update({k: v for k, v in saved.items() if k in values})
-    values["backbone"] = backbone_name(values["backbone"])  # official Swin-T checkpoints store "swin-t"
-    values.update(device=device, backbone_from_scratch=True, backbone_weights="", scrl_pretrained_path="",
-                  resume="", finetune="", eval=False, output_dir="")
-    return validate_args(argparse.Namespace(**values))
-
 
 def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str, *, trust: bool = False):
     """``(model in eval mode on device, bbox postprocessor, args)`` for a checkpoint (``trust``: see
-    ``--trust_checkpoint``)."""
-    path = Path(checkpoint_path)
+    ``--trust_checkpoint``): ``models.inference.load_model``, its errors as one-paragraph SystemExits."""
     try:
-        checkpoint = load_checkpoint(path, trust=trust)
-        args = model_args(checkpoint.get("args"), model_flags, device)
-        model, _, postprocessors = build_model(args, load_backbone_weights=False)
-        source = "the flags after --" if model_flags or "args" not in checkpoint else "the args stored in it"
-        load_weights_strict(model, checkpoint, path, current_flags=vars(args), built_as=source)
-    except CheckpointMismatchError as err:
-        raise SystemExit(f"{err}\nHere: give the checkpoint's model flags after --, e.g. -- --with_box_refine "
-                         "--two_stage") from None
+        return inference.load_model(checkpoint_path, model_flags, device, trust=trust)
     except (FileNotFoundError, InputError) as err:
         raise SystemExit(str(err)) from None
-    return model.to(device).eval(), postprocessors["bbox"], args
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
@@ -115,21 +71,8 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def category_names(num_classes: int, annotations: Optional[Mapping[str, Any]]) -> dict[int, str]:
-    """Display names by category id: from the annotation file's ``categories``, else COCO's for 91-class
-    models, else none (ids are shown)."""
-    if annotations is not None:
-        return {int(c["id"]): str(c["name"]) for c in annotations.get("categories", [])}
-    return dict(COCO_CATEGORY_NAMES) if num_classes == 91 else {}
-
-
-@torch.no_grad()
-def detect(model: torch.nn.Module, postprocessor, images: Sequence[PIL.Image.Image], transform,
-           device: str) -> list[dict[str, torch.Tensor]]:
-    """Postprocessed detections (scores, labels, absolute xyxy boxes in original pixels) of a batch."""
-    tensors = [transform(image, None)[0] for image in images]
-    samples = nested_tensor_from_tensor_list(tensors).to(device)
-    sizes = torch.tensor([[image.height, image.width] for image in images], device=device)
-    return [{k: v.cpu() for k, v in d.items()} for d in postprocessor(model(samples), sizes)]
+    """Display names by category id (see ``models.inference.category_names``)."""
+    return inference.category_names(num_classes, annotations)
 
 
 def draw_detections(image: PIL.Image.Image, detections: Sequence[Mapping[str, Any]], names: Mapping[int, str],
@@ -241,8 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     check_out_dir(out_dir, args.inputs, images)
     model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint)
     names = category_names(model_args_.num_classes, annotations)
+    detector = inference.Detector(model=model, postprocessor=postprocessor, device=args.device, val_size=args.size,
+                                  max_size=args.max_size, class_names=names, batch_size=args.batch_size)
     image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
-    transform = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     png_paths = _png_paths(images, out_dir)
 
@@ -252,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         batch = readable_images(images[start:start + args.batch_size], skipped)
         if not batch:
             continue
-        batch_dets = detect(model, postprocessor, [image for _, image in batch], transform, args.device)
+        batch_dets = detector([image for _, image in batch])
         for (index, image), dets in zip(batch, batch_dets):
             position = start + index
             name = images[position].name

@@ -24,18 +24,23 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
-from datasets.transforms import make_coco_transforms  # noqa: E402
 from models.dam import attention_map_to_token_grid  # noqa: E402
+from models.inference import Detector, load_model  # noqa: E402
 from tools.plot_logs import figure_path  # noqa: E402
-from tools.predict import load_model as load_detector  # noqa: E402
+from util.errors import InputError  # noqa: E402
 
 
-def load_model(checkpoint_path: str, model_flags: list[str], device: str) -> torch.nn.Module:
-    """The Sparse DETR model of a checkpoint, in eval mode (see tools/predict.py's ``load_model``)."""
-    model, _, args = load_detector(checkpoint_path, model_flags, device)
+def load_detector(checkpoint_path: str, model_flags: list[str], device: str, size: int, max_size: int
+                  ) -> Detector:
+    """The Sparse DETR detector of a checkpoint, in eval mode (see ``models.inference``); SystemExit with one
+    paragraph when the checkpoint cannot be used or is not a Sparse DETR model."""
+    try:
+        model, postprocessor, args = load_model(checkpoint_path, model_flags, device)
+    except (FileNotFoundError, InputError) as err:
+        raise SystemExit(str(err)) from None
     if not args.rho:
         raise SystemExit(f"{checkpoint_path} is not a Sparse DETR model (rho = 0): nothing to visualise")
-    return model
+    return Detector(model=model, postprocessor=postprocessor, device=device, val_size=size, max_size=max_size)
 
 
 def read_image(path: str | Path) -> PIL.Image.Image:
@@ -54,10 +59,10 @@ def per_level_maps(values: torch.Tensor, spatial_shapes: torch.Tensor) -> list[t
 
 
 @torch.no_grad()
-def sparsity_maps(model: torch.nn.Module, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+def sparsity_maps(model: torch.nn.Module, samples) -> dict[str, list[torch.Tensor]]:
     """Saliency (sigmoid of the scoring logits), kept tokens (0/1) and DAM, each per level, for one
-    [3, H, W] image."""
-    outputs = model([image])
+    preprocessed image (a NestedTensor of one, or a one-element list of a [3, H, W] tensor)."""
+    outputs = model(samples)
     shapes = outputs["spatial_shapes"]
     saliency = outputs["backbone_mask_prediction"][0].sigmoid()
     kept = torch.zeros_like(saliency)
@@ -111,10 +116,10 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"file not found: {path}")
     image = read_image(args.image)
     out = figure_path(args.out)
-    model = load_model(args.resume, model_flags, args.device)
-    tensor, _ = make_coco_transforms("val", val_size=args.size, max_size=args.max_size)(image, None)
+    detector = load_detector(args.resume, model_flags, args.device, args.size, args.max_size)
+    samples, _ = detector.preprocess([image])
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(image, sparsity_maps(model, tensor.to(args.device)), out)
+    plot(image, sparsity_maps(detector.model, samples), out)
     print(f"wrote {out}")
 
 

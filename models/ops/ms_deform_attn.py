@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn_func import ms_deform_attn
+from .ms_deform_attn_func import LevelShapes, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -50,8 +50,8 @@ class MSDeformAttn(nn.Module):
         nn.init.constant_(self.output_proj.bias, 0.0)
 
     def forward(self, query: Tensor, reference_points: Tensor, value_input: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, padding_mask: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                level_start_index: Tensor, padding_mask: Optional[Tensor] = None,
+                level_shapes: Optional[LevelShapes] = None) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
             query:             [B, Q, C] queries (with position embedding added).
@@ -60,6 +60,7 @@ class MSDeformAttn(nn.Module):
             value_input:       [B, S, C] flattened multi-scale features.
             spatial_shapes:    [L, 2] (H_l, W_l); level_start_index: [L].
             padding_mask:      [B, S] bool, True on padding tokens (their values are zeroed).
+            level_shapes:      the (H_l, W_l) of ``spatial_shapes`` as Python ints (needed to export).
 
         Returns:
             output [B, Q, C], sampling_locations [B, Q, heads, L, P, 2], attention_weights [B, Q, heads, L, P].
@@ -88,5 +89,5 @@ class MSDeformAttn(nn.Module):
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, level_shapes)
         return self.output_proj(output), locations, weights

@@ -10,6 +10,10 @@ L levels, P points per level):
     attention_weights   [B, Q, H, L, P]
     -> output           [B, Q, H * D]
 
+``level_shapes`` (optional everywhere it is taken): the same (H_l, W_l) as Python ints, which the
+pure-PyTorch paths reshape with. Without it they read ``spatial_shapes.tolist()``; exporters need it
+(``torch.export`` sees symbolic sizes only in Python ints, never in a tensor's values).
+
 A location is bilinearly sampled with ``align_corners=False`` semantics (pixel centres at
 (i + 0.5) / W) and zeros outside the map. :func:`ms_deform_attn_pytorch` is the one pure-PyTorch
 reference; every other path is checked against it. :func:`ms_deform_attn` takes one of three paths,
@@ -19,7 +23,9 @@ chosen by :func:`choose_implementation` (which ``models.ops.implementation(devic
   optional, built lazily on first use, see ``_extension.py``) for CPU and CUDA tensors when they can
   be built and pass their self-check against the reference (``selfcheck.py``), unless ``MSDA_IMPL=pytorch``;
 * ``"gather"``: :func:`ms_deform_attn_gather` for CUDA tensors in deterministic mode (below);
-* ``"pytorch"``: the reference, otherwise.
+* ``"pytorch"``: the reference, otherwise, and always while exporting (``torch.onnx.export``,
+  ``torch.export``): its ``grid_sample`` is the ONNX GridSample operator, which onnxruntime runs with no
+  custom build.
 
 Determinism: on the CPU both paths are deterministic for a given thread count (the kernel gives each
 work item its own grad_value buffer and sums the buffers in a fixed order; how many there are depends
@@ -36,7 +42,7 @@ return the dtype of ``value``; the reference needs ``grid_sample``-compatible dt
 from __future__ import annotations
 
 import logging
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,18 +55,27 @@ logger = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _logged_gather = False  # the gather path is announced once per process
 
+LevelShapes = Sequence[tuple[int, int]]
+
+
+def _shapes(spatial_shapes: Tensor, level_shapes: Optional[LevelShapes]) -> list[tuple[int, int]]:
+    """(H_l, W_l) per level as Python ints: ``level_shapes`` when given, else read from the tensor."""
+    if level_shapes is not None:
+        return [(h, w) for h, w in level_shapes]
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
 
 def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                           attention_weights: Tensor) -> Tensor:
+                           attention_weights: Tensor, level_shapes: Optional[LevelShapes] = None) -> Tensor:
     """Pure-PyTorch multi-scale deformable attention (runs on any device and dtype)."""
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    per_level_values = value.split(sizes, dim=1)
+    shapes = _shapes(spatial_shapes, level_shapes)
+    per_level_values = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = sampling_locations * 2 - 1
     sampled = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(shapes):
         # [B, H_l*W_l, H, D] -> [B*H, D, H_l, W_l]
         level_value = per_level_values[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
         # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
@@ -76,15 +91,15 @@ def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locat
 
 
 def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                          attention_weights: Tensor) -> Tensor:
+                          attention_weights: Tensor, level_shapes: Optional[LevelShapes] = None) -> Tensor:
     """Pure-PyTorch multi-scale deformable attention from ``torch.gather`` of the four bilinear corners: the
     same function as :func:`ms_deform_attn_pytorch`, with a backward that is deterministic on CUDA under
     ``torch.use_deterministic_algorithms(True)``."""
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    shapes = _shapes(spatial_shapes, level_shapes)
     samples, weights = [], []
-    for level, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+    for level, (value_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
         # [B, H_l*W_l, H, D] -> [B*H, H_l*W_l, D]; locations [B, Q, H, P, 2] -> pixels [B*H, Q*P]
         value_l = value_l.transpose(1, 2).flatten(0, 1)
         xy = sampling_locations[:, :, :, level].transpose(1, 2).reshape(batch * heads, num_queries * points, 2)
@@ -107,19 +122,27 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, sampling_locati
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                   sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+                   sampling_locations: Tensor, attention_weights: Tensor,
+                   level_shapes: Optional[LevelShapes] = None) -> Tensor:
     """Multi-scale deformable attention; see the module docstring for shapes.
 
     ``level_start_index`` is what compiled kernels index with; the PyTorch paths derive the
-    level boundaries from ``spatial_shapes``.
+    level boundaries from ``level_shapes`` (or ``spatial_shapes``).
     """
+    if is_exporting():
+        return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights, level_shapes)
     path = choose_implementation(value.device.type, value.dtype)
     if path == "gather":
-        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights, level_shapes)
     if path == "kernel":
         return torch.ops.sparse_detr.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                                     attention_weights)
-    return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights, level_shapes)
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` / ``torch.onnx.export`` trace the model: the graph then takes the reference."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 # torch.compile evaluates this once while tracing (building/loading the kernel then) and bakes the
