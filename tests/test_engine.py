@@ -366,12 +366,13 @@ def test_metric_logger_logs_progress_with_eta(caplog):
                     reason="needs torch.distributed with gloo")
 def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     """torchrun, 2 CPU processes (gloo): box refinement without auxiliary losses leaves the first decoder
-    layer's heads unused, so DDP needs find_unused_parameters."""
+    layer's heads unused, so DDP needs find_unused_parameters. The moving average (--ema_decay) follows the
+    unwrapped model: its keys have no DDP prefix."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "main.py"), *TINY, "--coco_path", str(coco_root), "--with_box_refine", "--no_aux_loss",
-               "--dec_layers", "2", "--epochs", "1", "--output_dir", str(out)]
+               "--dec_layers", "2", "--epochs", "1", "--ema_decay", "0.7", "--output_dir", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "find_unused_parameters=True" in result.stderr
@@ -380,6 +381,7 @@ def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     assert len(line["test_coco_eval_bbox"]) == 12 and math.isfinite(line["train_loss"])
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert len(checkpoint["rng_state"]) == 2
+    assert list(checkpoint["model_ema"]) == list(checkpoint["model"]) and len(line["test_ema_coco_eval_bbox"]) == 12
 
 
 @pytest.mark.parametrize("model_name", ["detr", "sdetr"])
