@@ -250,7 +250,8 @@ def memory_child_command(name: str, amp: str, opts: argparse.Namespace, grad_che
     command = [sys.executable, str(Path(__file__).resolve()), "train-memory", "--models", name, "--amp", amp,
                "--device", opts.device, "--threads", str(opts.threads), "--height", str(opts.height),
                "--width", str(opts.width), "--train_batch_size", str(opts.train_batch_size),
-               "--model_args", shlex.join(model_flags(opts, grad_checkpoint))]
+               # One "=" argument: a value like "--grad_checkpoint" would otherwise parse as an option.
+               f"--model_args={shlex.join(model_flags(opts, grad_checkpoint))}"]
     return command + (["--system_malloc"] if opts.system_malloc else [])
 
 
