@@ -94,3 +94,24 @@ def test_checkpointing_is_off_in_evaluation_and_without_grad():
         model.eval()
         _, saved[grad_checkpoint] = saved_activation_bytes(model, lambda: model(images))
     assert saved[True] == saved[False] > 0
+
+
+def test_swin_stages_checkpointed_give_the_same_gradients():
+    """Swin-T (stochastic depth 0.2: random per block): catches a checkpointed stage that draws other drop-path
+    masks, and stages that are not checkpointed at all."""
+    from models.swin import SwinBackbone
+    from util.misc import nested_tensor_from_tensor_list
+
+    images, _ = batch()
+    results = {}
+    for grad_checkpoint in (False, True):
+        torch.manual_seed(0)
+        backbone = SwinBackbone(freeze_early_layers=False, grad_checkpoint=grad_checkpoint).train()
+        samples = nested_tensor_from_tensor_list(images)
+        torch.manual_seed(1)
+        maps, saved = saved_activation_bytes(backbone, lambda: backbone(samples))
+        sum(m.tensors.square().mean() for m in maps).backward()
+        results[grad_checkpoint] = ({n: p.grad for n, p in backbone.named_parameters()}, saved)
+    (grads, saved), (grads_ckpt, saved_ckpt) = results[False], results[True]
+    assert all(torch.equal(grads_ckpt[n], g) for n, g in grads.items())
+    assert saved_ckpt < 0.5 * saved, (saved_ckpt, saved)
