@@ -115,3 +115,14 @@ def test_swin_stages_checkpointed_give_the_same_gradients():
     (grads, saved), (grads_ckpt, saved_ckpt) = results[False], results[True]
     assert all(torch.equal(grads_ckpt[n], g) for n, g in grads.items())
     assert saved_ckpt < 0.5 * saved, (saved_ckpt, saved)
+
+
+def test_the_kernels_first_use_inside_a_checkpointed_layer(monkeypatch):
+    """The compiled kernel's self-check runs at its first use, here inside the first checkpointed encoder layer:
+    catches its autograd graph counted as the layer's ("a different number of tensors was saved during the
+    original forward and recomputation"). Where no kernel builds, the PyTorch path runs and this passes."""
+    from models.ops import selfcheck
+
+    monkeypatch.setattr(selfcheck, "_verdicts", {})  # as in a fresh process
+    loss, grads, _ = training_step(VARIANTS["deformable"], grad_checkpoint=True)
+    assert torch.isfinite(loss) and grads
