@@ -89,7 +89,7 @@ MUTANTS = (
     Mutant("grad_checkpoint_never_on", "--grad_checkpoint not reaching the decoder",
            (("models/deformable_transformer.py", "            grad_checkpoint=grad_checkpoint)\n        if two_stage:",
              "            grad_checkpoint=False)\n        if two_stage:"),),
-           ("tests/test_grad_checkpoint.py -k 'deformable and not detr'",)),
+           ("tests/test_grad_checkpoint.py -k 'deformable or sdetr'",)),
     Mutant("ema_restarted_on_resume", "--resume restarting the moving average from the weights",
            (("util/ema.py", "    if saved is not None:\n        ema.load_state_dict", "    if False:\n        ema.load_state_dict"),),
            ("tests/test_engine.py -k resume_reproduces", "tests/test_ema.py -k restores")),

@@ -2,8 +2,12 @@
 far fewer activations kept by the forward, and no effect outside training."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+
+import models.activation_checkpoint as activation_checkpoint
 
 from engine import weighted_loss
 from main import parse_args
@@ -54,11 +58,16 @@ def saved_activation_bytes(model: torch.nn.Module, run):
     return result, sum(kept.values())
 
 
-def training_step(flags: list[str], grad_checkpoint: bool):
+# Every encoder and decoder layer (deformable, DETR, both SDETR stages) and every backbone stage (all train here).
+CHECKPOINTED = re.compile(r"(.*\.)?(encoder|decoder)\.layers\.\d+|backbone\.0\.body\.layer\d")
+
+
+def training_step(flags: list[str], grad_checkpoint: bool, model_hook=lambda model: None):
     """(loss, {name: gradient}, saved activation bytes) of one training forward and backward, dropout on."""
     args = parse_args([*TINY, *flags, *(["--grad_checkpoint"] if grad_checkpoint else [])])
     torch.manual_seed(0)
     model, criterion, _ = build_model(args)
+    model_hook(model)
     model.train()
     images, targets = batch()
     torch.manual_seed(1)  # the dropout masks
@@ -69,12 +78,23 @@ def training_step(flags: list[str], grad_checkpoint: bool):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(variant):
+def test_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(variant, monkeypatch):
     """Catches a checkpointed block that draws other dropout masks (RNG state not restored), a block that is
     checkpointed with a wrong argument order, a write-back inside the sparse encoder's checkpoint gone wrong,
-    and a variant whose modules never got the flag (no fewer activations kept)."""
+    and a module that never got the flag (each layer and stage must run under a checkpoint)."""
     loss, grads, saved = training_step(VARIANTS[variant], grad_checkpoint=False)
-    loss_ckpt, grads_ckpt, saved_ckpt = training_step(VARIANTS[variant], grad_checkpoint=True)
+    blocks, real_checkpoint = [], activation_checkpoint.checkpoint
+
+    def spy(block, *inputs, **kwargs):
+        blocks.append(block if isinstance(block, torch.nn.Module) else inputs[0])  # a layer, or a stage's function
+        return real_checkpoint(block, *inputs, **kwargs)
+
+    monkeypatch.setattr(activation_checkpoint, "checkpoint", spy)
+    expected = []
+    loss_ckpt, grads_ckpt, saved_ckpt = training_step(
+        VARIANTS[variant], grad_checkpoint=True,
+        model_hook=lambda model: expected.extend(m for n, m in model.named_modules() if CHECKPOINTED.fullmatch(n)))
+    assert len(expected) > 6 and {id(b) for b in blocks} == {id(m) for m in expected}
     assert torch.equal(loss_ckpt, loss)
     assert grads_ckpt.keys() == grads.keys()
     assert any(".layer2." in name for name in grads)  # the backbone trains (--backbone_from_scratch)
