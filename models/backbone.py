@@ -114,6 +114,13 @@ def residual_block(block: nn.Module, x: Tensor) -> Tensor:
     return out.add_(identity).relu_()
 
 
+def resnet_stage(stage: nn.Sequential, x: Tensor) -> Tensor:
+    """The residual blocks of one ResNet stage (see :func:`residual_block`)."""
+    for block in stage:
+        x = residual_block(block, x)
+    return x
+
+
 def trains(module: nn.Module) -> bool:
     """Whether some parameter of ``module`` trains (the stages of a frozen backbone save no activations)."""
     return any(p.requires_grad for p in module.parameters())
@@ -130,8 +137,7 @@ class ResNetBackbone(nn.Module):
     docs/benchmarks.md) and the one GPU tensor cores prefer under AMP. The maps then come out
     channels-last too; the detectors' input projections take either layout, and flattening such a
     map to tokens (``flatten(2).transpose(1, 2)``) is a free view. ``grad_checkpoint``: activation
-    checkpointing of each residual block of the stages that train, in training (``models/activation_checkpoint.py``;
-    block by block, the recomputation in backward holds one block's activations at a time, not a stage's).
+    checkpointing of each stage that trains, in training (``models/activation_checkpoint.py``).
     """
 
     def __init__(self, *, name: str = "resnet50", train_backbone: bool = True,
@@ -179,9 +185,7 @@ class ResNetBackbone(nn.Module):
         maps = []
         for name, stage in body.named_children():
             if name.startswith("layer"):
-                active = checkpointed and trains(stage)
-                for block in stage:
-                    x = run_block(residual_block, block, x, active=active)
+                x = run_block(resnet_stage, stage, x, active=checkpointed and trains(stage))
                 if name in body.return_layers:
                     maps.append(x)
         return maps

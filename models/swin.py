@@ -147,23 +147,28 @@ class SwinBody(SwinTransformer):
         x = x + block.drop_path1(y[:, :height, :width])
         return x + block.drop_path2(block.mlp(block.norm2(x)))
 
+    def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        """One stage on [B, H, W, C] tokens: its patch merging (identity for the first), then its blocks, every
+        other one shifted."""
+        x = stage.downsample(x)
+        mask = None
+        if len(stage.blocks) > 1:
+            mask = shifted_window_mask(x.shape[1], x.shape[2], self.window, self.shift, device=x.device,
+                                       dtype=x.dtype)
+        for j, block in enumerate(stage.blocks):
+            x = self._block(block, x, self.shift if j % 2 else 0, mask)
+        return x
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """[B, 3, H, W] images -> [B, C_i, ceil(H / s_i), ceil(W / s_i)] for each stage of ``out_indices``
-        (s_i = 4 * 2^i). With ``grad_checkpoint``, each block of the stages that train is checkpointed in
-        training."""
+        (s_i = 4 * 2^i). With ``grad_checkpoint``, each stage that trains is checkpointed in training."""
         x = F.pad(x, (0, (-x.shape[-1]) % PATCH_SIZE, 0, (-x.shape[-2]) % PATCH_SIZE))
         x = self.patch_embed(x)  # [B, H/4, W/4, C]
         checkpointed = checkpointing(self, self.grad_checkpoint)
         outputs = []
         for i, stage in enumerate(self.layers):
-            active = checkpointed and any(p.requires_grad for p in stage.parameters())
-            x = stage.downsample(x)  # identity for the first stage
-            mask = None
-            if len(stage.blocks) > 1:
-                mask = shifted_window_mask(x.shape[1], x.shape[2], self.window, self.shift, device=x.device,
-                                           dtype=x.dtype)
-            for j, block in enumerate(stage.blocks):
-                x = run_block(self._block, block, x, self.shift if j % 2 else 0, mask, active=active)
+            trains = any(p.requires_grad for p in stage.parameters())
+            x = run_block(self._stage, stage, x, active=checkpointed and trains)
             if i in self.out_indices:
                 outputs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
         return outputs
@@ -238,7 +243,7 @@ class SwinBackbone(nn.Module):
 
     ``state_dict``: ImageNet weights in official, timm or detector names (see :func:`official_swin_state_dict`);
     classifier entries are ignored and the per-output norms keep their initialisation. ``grad_checkpoint``:
-    activation checkpointing of each block of the stages that train, in training.
+    activation checkpointing of each stage that trains, in training.
     """
 
     def __init__(self, *, name: str = "swin_tiny", train_backbone: bool = True,
