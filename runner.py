@@ -213,7 +213,8 @@ def load_weights_strict(model: nn.Module, checkpoint: Mapping[str, Any], source:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval`` evaluate) as ``main.py`` describes; returns the last epoch's log record
-    (``train_*``, ``test_*``, ``epoch``, ``n_parameters``), or the ``test_*`` stats with ``--eval``. Raises
+    (``train_*``, ``test_*``, with ``--ema_decay`` ``test_ema_*``, ``epoch``, ``n_parameters``), or the
+    ``test_*`` stats with ``--eval`` (``test_ema_*`` with ``--eval_weights ema``). Raises
     :class:`TrainingStopped` after a stop signal and :class:`NonFiniteLossError` (``epochs.py``; see the module docstring)."""
     ctx = init_distributed(args.device)
     setup_logging(ctx)
