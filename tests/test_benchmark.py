@@ -121,7 +121,8 @@ def test_memory_rows_without_and_with_grad_checkpoint(capsys, tmp_path, quick_ch
 
 def test_peak_rss_of_a_fresh_process_sees_a_freed_allocation():
     """A 200 MiB tensor made and freed by each step: the fresh process's peak RSS counts it (the current RSS
-    after the steps would not), and a failing child gives its last error line."""
+    after the steps would not), and not the peak of this larger pytest process (which ru_maxrss inherits
+    across exec); a failing child gives its last error line."""
     from tools.bench_memory import in_fresh_process
 
     # One small op first: the first op's lazy initialisation is not the step's.
