@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from datasets.coco_eval import CocoEvaluator
 from util.checkpoint import EpochProgress
 from util.console import Progress, TrainReport, ap_table, eval_line, log_progress
+from util.ema import ModelEMA
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import get_world_size, reduce_dict
 from util.process import StopRequest
@@ -185,7 +186,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                     log_every: int = 50, *, progress: Optional[EpochProgress] = None,
                     stop: Optional[StopRequest] = None, max_nonfinite: int = 10,
-                    on_report: Optional[Callable[[int, TrainReport], None]] = None) -> EpochResult:
+                    on_report: Optional[Callable[[int, TrainReport], None]] = None,
+                    ema: Optional[ModelEMA] = None) -> EpochResult:
     """Train ``model`` on the batches of ``data_loader`` (see :func:`train_step`): those of epoch ``epoch``
     after the ``progress.step`` already done, whose averages ``progress`` carries on.
 
@@ -193,7 +195,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     in a row were skipped (each is logged as a warning). A complete epoch's ``stats`` are the averages
     of ``loss``, every weighted loss, every ``*_unscaled`` criterion output, ``class_error``, ``lr`` (of the
     first parameter group) and ``grad_norm`` over the applied steps, plus ``nonfinite_steps`` (the skipped
-    steps) and, with the fp16 scaler, ``skipped_steps`` (the steps it skipped).
+    steps) and, with the fp16 scaler, ``skipped_steps`` (the steps it skipped). ``ema`` (``--ema_decay``) averages
+    the weights in after every step the optimiser applied.
 
     Every ``log_every`` steps it logs a progress line (util/console.py) and hands its report to ``on_report``
     with the number of steps done since epoch 0 (e.g. to TensorBoard).
@@ -227,6 +230,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 metrics.update(**result.stats, lr=optimizer.param_groups[0]["lr"])
                 if math.isfinite(result.grad_norm):
                     metrics.update(grad_norm=result.grad_norm)
+                    if ema is not None:  # a step the optimiser applied (the fp16 scaler skips the others)
+                        ema.update()
                 else:
                     progress.scaler_skipped += 1
             else:

@@ -34,7 +34,8 @@ class NonFiniteLossError(InputError):
 @dataclass
 class Validation:
     """What evaluating on the validation data takes. Calling it runs :func:`evaluate` without shifting the
-    training's random streams and returns its stats."""
+    training's random streams and returns the record's test entries: ``test_<stat>`` of ``model`` and, with
+    ``ema_model`` (``--ema_decay``: the moving average of the weights), ``test_ema_<stat>`` of it."""
     model: nn.Module
     criterion: nn.Module
     postprocessors: Mapping[str, nn.Module]
@@ -44,12 +45,21 @@ class Validation:
     amp_dtype: Optional[torch.dtype]
     log_every: int
     stop: Optional[StopRequest] = None  # a signal stops the evaluation (EvaluationStopped)
+    ema_model: Optional[nn.Module] = None
 
     def __call__(self) -> dict[str, Any]:
-        with preserved_rng_state():
-            stats, _ = evaluate(self.model, self.criterion, self.postprocessors, self.loader, self.base_ds,
-                                self.device, self.amp_dtype, self.log_every, self.stop)
-        return stats
+        models = {"test": self.model}
+        if self.ema_model is not None:
+            models["test_ema"] = self.ema_model
+        record = {}
+        for prefix, model in models.items():
+            if prefix == "test_ema":
+                logger.info("evaluating the moving average of the weights (--ema_decay): test_ema_* in log.txt")
+            with preserved_rng_state():
+                stats, _ = evaluate(model, self.criterion, self.postprocessors, self.loader, self.base_ds,
+                                    self.device, self.amp_dtype, self.log_every, self.stop)
+            record.update({f"{prefix}_{k}": v for k, v in stats.items()})
+        return record
 
 
 def evaluation_due(epoch: int, eval_every: int, epochs: int) -> bool:
@@ -59,11 +69,11 @@ def evaluation_due(epoch: int, eval_every: int, epochs: int) -> bool:
 
 def finish_epoch(epoch: int, train_stats: Mapping[str, Any], validation: Validation, *, evaluate_now: bool,
                  n_parameters: int, output_dir: Optional[Path]) -> dict[str, Any]:
-    """Evaluate when ``evaluate_now``, then append the epoch's record (``train_*``, ``test_*``, ``epoch``,
-    ``n_parameters``) to ``output_dir``/log.txt; returns the record."""
+    """Evaluate when ``evaluate_now``, then append the epoch's record (``train_*``, ``test_*``, with
+    ``--ema_decay`` ``test_ema_*``, ``epoch``, ``n_parameters``) to ``output_dir``/log.txt; returns the record."""
     test_stats = validation() if evaluate_now else {}
-    record = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
-              "epoch": epoch, "n_parameters": n_parameters}
+    record = {**{f"train_{k}": v for k, v in train_stats.items()}, **test_stats, "epoch": epoch,
+              "n_parameters": n_parameters}
     if output_dir is not None and is_main_process():
         with (output_dir / "log.txt").open("a") as f:
             f.write(json.dumps(record) + "\n")

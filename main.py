@@ -197,6 +197,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_nonfinite", default=10, type=int, metavar="N",
                    help="a step whose loss or gradient norm is not finite is skipped (with a warning); after N "
                         "such steps in a row training stops with a resumable checkpoint and an error")
+    g.add_argument("--grad_checkpoint", action="store_true",
+                   help="activation checkpointing of the encoder and decoder layers and of the backbone stages that "
+                        "train: less training memory for about one more forward of them per step; same gradients")
+    g.add_argument("--ema_decay", default=None, type=float, metavar="D",
+                   help="keep an exponential moving average of the weights, avg = D * avg + (1 - D) * weights after "
+                        "every applied optimiser step (e.g. 0.9998); it is saved in the checkpoints (model_ema) and "
+                        "evaluated beside the weights (test_ema_* in log.txt); off by default")
     g.add_argument("--finetune", default="", metavar="PATH",
                    help="initialise from this checkpoint's weights only, skipping tensors whose shape differs "
                         "(e.g. class heads of another --num_classes); ignored when --resume finds a checkpoint")
@@ -224,6 +231,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "<output_dir>/overwritten-<time>/, not deleted")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    g.add_argument("--eval_weights", default="raw", choices=("raw", "ema"),
+                   help="--eval: the checkpoint's trained weights (raw) or their moving average (ema, from a run "
+                        "with --ema_decay)")
     g.add_argument("--deterministic", action="store_true",
                    help="bitwise repeatable runs: on CPU (same machine, torch and thread count) exactly; on GPU "
                         "through torch.use_deterministic_algorithms, deterministic cuDNN and cuBLAS, and the "
@@ -332,6 +342,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append(f"--tensorboard_images must be >= 0, got {args.tensorboard_images}")
     elif args.tensorboard_images and not args.tensorboard:
         errors.append("--tensorboard_images draws detections into TensorBoard: add --tensorboard")
+    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
+        errors.append(f"--ema_decay must be in (0, 1) (the average keeps this fraction each step, e.g. 0.9998), "
+                      f"got {args.ema_decay}")
+    if args.ema_decay is not None and args.eval:
+        errors.append("--ema_decay averages weights while training: with --eval, choose the checkpoint's average "
+                      "with --eval_weights ema instead")
+    if args.eval_weights != "raw" and not args.eval:
+        errors.append(f"--eval_weights {args.eval_weights} chooses the weights --eval evaluates: add --eval, or drop "
+                      "it (training evaluates both when --ema_decay is set)")
     if args.finetune and args.eval:
         errors.append("--eval evaluates the --resume checkpoint: drop --finetune")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

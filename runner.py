@@ -47,11 +47,13 @@ from util.checkpoint import (
     TrainState,
     load_checkpoint,
     load_finetune_weights,
+    model_state,
     remove_unfinished_writes,
     resolve_resume,
     restore_training_state,
     write_checkpoints,
 )
+from util.ema import start_ema
 from util.errors import InputError
 from util.misc import any_process, collate_fn, is_main_process
 from util.run_dir import RunLock, claim_output_dir
@@ -210,7 +212,8 @@ def wrap_distributed(model: nn.Module, criterion: nn.Module, dataset, *, batch_s
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval`` evaluate) as ``main.py`` describes; returns the last epoch's log record
-    (``train_*``, ``test_*``, ``epoch``, ``n_parameters``), or the ``test_*`` stats with ``--eval``. Raises
+    (``train_*``, ``test_*``, with ``--ema_decay`` ``test_ema_*``, ``epoch``, ``n_parameters``), or the
+    ``test_*`` stats with ``--eval`` (``test_ema_*`` with ``--eval_weights ema``). Raises
     :class:`TrainingStopped` after a stop signal and :class:`NonFiniteLossError` (``epochs.py``; see the module
     docstring)."""
     ctx = init_distributed(args.device)
@@ -264,13 +267,17 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     loader_val = build_data_loader(dataset_val, args, ctx, train=False, device=device)
 
     if args.eval:
-        load_weights_strict(model, load_checkpoint(resume_path, trust=args.trust_checkpoint), resume_path,
-                            current_flags=vars(args), built_as=f"--model {args.model}")
+        checkpoint = load_checkpoint(resume_path, trust=args.trust_checkpoint)
+        weights = model_state(checkpoint, args.eval_weights, source=resume_path)
+        load_weights_strict(model, {**checkpoint, "model": weights}, resume_path, current_flags=vars(args),
+                            built_as=f"--model {args.model}")
         test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp_dtype,
                                  args.log_every)
-        logger.info("evaluation of %s: AP %.4f, AP50 %.4f, AP75 %.4f", resume_path,
+        what = "the moving average of the weights" if args.eval_weights == "ema" else "the weights"
+        logger.info("evaluation of %s of %s: AP %.4f, AP50 %.4f, AP75 %.4f", what, resume_path,
                     *test_stats["coco_eval_bbox"][:3])
-        return {f"test_{k}": v for k, v in test_stats.items()}
+        prefix = "test_ema" if args.eval_weights == "ema" else "test"  # the keys of log.txt
+        return {f"{prefix}_{k}": v for k, v in test_stats.items()}
 
     if output_dir is not None and is_main_process():
         remove_unfinished_writes(output_dir)
@@ -283,6 +290,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     state = TrainState(args.start_epoch)
+    checkpoint = None
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, trust=args.trust_checkpoint)
         load_weights_strict(model, checkpoint, resume_path, current_flags=vars(args),
@@ -290,9 +298,11 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
         state = restore_training_state(checkpoint, optimizer, lr_scheduler, scaler, start_epoch=args.start_epoch,
                                        lr_drop=args.lr_drop, batch_size=args.batch_size, ctx=ctx,
                                        source=resume_path)
-        del checkpoint
     elif args.finetune:
         load_finetune_weights(model, load_checkpoint(args.finetune, trust=args.trust_checkpoint), args.finetune)
+    # Of the unwrapped model, before DistributedDataParallel wraps it.
+    ema = start_ema(model, args.ema_decay, checkpoint, resume_path)
+    del checkpoint
 
     model_without_ddp = model
     if ctx.distributed:
@@ -305,7 +315,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
         if output_dir is None:
             return None
         return write_checkpoints(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, output_dir,
-                                 run_args=args, lr_drop=args.lr_drop, keep_every=args.checkpoint_every, **state)
+                                 run_args=args, lr_drop=args.lr_drop, keep_every=args.checkpoint_every,
+                                 model_ema=None if ema is None else ema.state_dict(), **state)
 
     steps_done = state.start_epoch * loader_train.batch_sampler.batches_per_epoch() + state.progress.step
     tensorboard = build_tensorboard(args, output_dir, steps_done=steps_done)  # None without --tensorboard, off rank 0
@@ -321,7 +332,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     progress = state.progress
     with StopRequest() as stop:
         validation = Validation(model, criterion, postprocessors, loader_val, base_ds, device, amp_dtype,
-                                args.log_every, stop)
+                                args.log_every, stop, ema_model=None if ema is None else ema.module)
         try:
             log_stats = record_cut_short_epoch(state, resume_path, output_dir, validation,
                                                eval_every=args.eval_every, epochs=args.epochs,
@@ -338,7 +349,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
             loader_train.batch_sampler.set_epoch(epoch, progress.step)
             result = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                      scaler, amp_dtype, args.log_every, progress=progress, stop=stop,
-                                     max_nonfinite=args.max_nonfinite,
+                                     max_nonfinite=args.max_nonfinite, ema=ema,
                                      on_report=tensorboard.step if tensorboard is not None else None)
             if not result.complete:
                 saved = save(epoch, progress=result.progress)

@@ -18,6 +18,7 @@ from util.checkpoint import torch_load
 from util.errors import InputError
 from util.misc import NestedTensor
 
+from .activation_checkpoint import checkpointing, run_block
 from .backbone_common import check_weights_fit, masked_map
 from .position_encoding import build_position_encoding
 from .swin import SWINS, SwinBackbone
@@ -113,6 +114,18 @@ def residual_block(block: nn.Module, x: Tensor) -> Tensor:
     return out.add_(identity).relu_()
 
 
+def resnet_stage(stage: nn.Sequential, x: Tensor) -> Tensor:
+    """The residual blocks of one ResNet stage (see :func:`residual_block`)."""
+    for block in stage:
+        x = residual_block(block, x)
+    return x
+
+
+def trains(module: nn.Module) -> bool:
+    """Whether some parameter of ``module`` trains (the stages of a frozen backbone save no activations)."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet returning the maps of the stages ``return_layers`` (2: C3, 3: C4, 4: C5)
     with their padding masks, shallowest first.
@@ -123,12 +136,14 @@ class ResNetBackbone(nn.Module):
     and runs the convolutions, in channels-last memory format: oneDNN's fast layout on CPU (see
     docs/benchmarks.md) and the one GPU tensor cores prefer under AMP. The maps then come out
     channels-last too; the detectors' input projections take either layout, and flattening such a
-    map to tokens (``flatten(2).transpose(1, 2)``) is a free view.
+    map to tokens (``flatten(2).transpose(1, 2)``) is a free view. ``grad_checkpoint``: activation
+    checkpointing of each stage that trains, in training (``models/activation_checkpoint.py``).
     """
 
     def __init__(self, *, name: str = "resnet50", train_backbone: bool = True,
                  return_layers: Sequence[int] = (2, 3, 4), dilation: bool = False, freeze_early_layers: bool = True,
-                 state_dict: Optional[dict[str, Tensor]] = None, channels_last: bool = True):
+                 state_dict: Optional[dict[str, Tensor]] = None, channels_last: bool = True,
+                 grad_checkpoint: bool = False):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
@@ -156,6 +171,7 @@ class ResNetBackbone(nn.Module):
         if dilation and layer_ids[-1] == 4:
             self.strides[-1] //= 2
         self.channels_last = channels_last
+        self.grad_checkpoint = grad_checkpoint
         if channels_last:
             self.body.to(memory_format=torch.channels_last)
 
@@ -165,11 +181,11 @@ class ResNetBackbone(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(conv_frozen_bn(x, body.conv1, body.bn1).relu_())
+        checkpointed = checkpointing(self, self.grad_checkpoint)
         maps = []
         for name, stage in body.named_children():
             if name.startswith("layer"):
-                for block in stage:
-                    x = residual_block(block, x)
+                x = run_block(resnet_stage, stage, x, active=checkpointed and trains(stage))
                 if name in body.return_layers:
                     maps.append(x)
         return maps
@@ -238,7 +254,8 @@ def build_backbone(args, *, load_weights: bool = True) -> Joiner:
         state_dict = _load_imagenet_weights(args.backbone)
     options = dict(name=args.backbone, train_backbone=args.lr_backbone > 0,
                    return_layers=backbone_layers(args.model, args.num_feature_levels),
-                   freeze_early_layers=pretrained and not args.finetune_early_layers, state_dict=state_dict)
+                   freeze_early_layers=pretrained and not args.finetune_early_layers, state_dict=state_dict,
+                   grad_checkpoint=args.grad_checkpoint)
     if swin:
         backbone = SwinBackbone(**options, source=f"--backbone_weights {args.backbone_weights}")
     else:

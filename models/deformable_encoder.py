@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activation_checkpoint import checkpointing, run_block
 from .ops import LevelShapes, MSDeformAttn
 
 
@@ -86,14 +87,17 @@ class DeformableTransformerEncoder(nn.Module):
     """A stack of encoder layers; sparse when given the indices of the tokens to update.
 
     ``class_embed`` / ``bbox_embed``: the detector's heads for the encoder auxiliary loss (Sparse
-    DETR), one per layer but the last; None without that loss.
+    DETR), one per layer but the last; None without that loss. ``grad_checkpoint``: activation
+    checkpointing of each layer in training (see ``models/activation_checkpoint.py``).
     """
 
     def __init__(self, *, layer: DeformableTransformerEncoderLayer, num_layers: int,
-                 class_embed: Optional[nn.ModuleList] = None, bbox_embed: Optional[nn.ModuleList] = None):
+                 class_embed: Optional[nn.ModuleList] = None, bbox_embed: Optional[nn.ModuleList] = None,
+                 grad_checkpoint: bool = False):
         super().__init__()
         self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
+        self.grad_checkpoint = grad_checkpoint
         # Registered after the layers: the reference's state-dict order.
         self.class_embed = class_embed
         self.bbox_embed = bbox_embed
@@ -143,9 +147,11 @@ class DeformableTransformerEncoder(nn.Module):
                 proposals_unact = gather_tokens(proposals_unact, kept_index)
         memory = src
         aux_logits, aux_boxes = [], []
+        checkpointed = checkpointing(self, self.grad_checkpoint)
         for layer_id, layer in enumerate(self.layers):
-            query, _, _ = layer(query, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                padding_mask, level_shapes)
+            # Sparse: the layer updates the kept tokens only; the write-back below stays outside the checkpoint.
+            query, _, _ = run_block(layer, query, query_pos, reference_points, memory, spatial_shapes,
+                                    level_start_index, padding_mask, level_shapes, active=checkpointed)
             memory = query if kept_index is None else self.write_back(memory, query, kept_index, kept_counts)
             if self.class_embed is not None and layer_id < self.num_layers - 1:
                 aux_logits.append(self.class_embed[layer_id](query))

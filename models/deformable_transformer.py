@@ -17,6 +17,7 @@ from util.errors import InputError
 
 from .deformable_encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer, MaskPredictor,
                                  clones, gather_tokens)
+from .activation_checkpoint import checkpointing, run_block
 from .heads import refine_box_logits
 from .ops import LevelShapes, MSDeformAttn, is_exporting
 
@@ -70,13 +71,16 @@ class DeformableTransformerDecoder(nn.Module):
     ``bbox_embed`` (the detector's box heads, with box refinement): after layer l, head l turns the
     layer's output into box logits that are both layer l's predicted boxes and, detached, layer l+1's
     reference. ``class_embed`` (two-stage) holds the proposal head, the entry after the decoder's own.
+    ``grad_checkpoint``: activation checkpointing of each layer in training.
     """
 
     def __init__(self, *, layer: DeformableTransformerDecoderLayer, num_layers: int,
-                 class_embed: Optional[nn.ModuleList] = None, bbox_embed: Optional[nn.ModuleList] = None):
+                 class_embed: Optional[nn.ModuleList] = None, bbox_embed: Optional[nn.ModuleList] = None,
+                 grad_checkpoint: bool = False):
         super().__init__()
         self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
+        self.grad_checkpoint = grad_checkpoint
         # Registered after the layers, class heads first: the reference's state-dict order.
         self.class_embed = class_embed
         self.bbox_embed = bbox_embed
@@ -97,10 +101,12 @@ class DeformableTransformerDecoder(nn.Module):
         """
         hs, box_logits, all_locations, all_weights = [], [], [], []
         ratios = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
+        checkpointed = checkpointing(self, self.grad_checkpoint)
         for layer_id, layer in enumerate(self.layers):
             # References are relative to the valid image; the op samples the padded map.
-            tgt, locations, weights = layer(tgt, query_pos, reference_points[:, :, None] * ratios[:, None], memory,
-                                            spatial_shapes, level_start_index, padding_mask, level_shapes)
+            tgt, locations, weights = run_block(layer, tgt, query_pos, reference_points[:, :, None] * ratios[:, None],
+                                                memory, spatial_shapes, level_start_index, padding_mask, level_shapes,
+                                                active=checkpointed)
             hs.append(tgt)
             all_locations.append(locations)
             all_weights.append(weights)
@@ -131,6 +137,7 @@ class DeformableTransformer(nn.Module):
     ``two_stage`` or ``use_enc_aux_loss``. The decoder holds every box head (box refinement) and every
     class head (two-stage), the encoder its own (encoder auxiliary loss), and the detector the same
     modules: the official checkpoints' layout (``transformer.decoder.class_embed.*``).
+    ``grad_checkpoint``: activation checkpointing of every encoder and decoder layer in training.
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
@@ -139,7 +146,7 @@ class DeformableTransformer(nn.Module):
                  with_box_refine: bool = False, two_stage: bool = False, two_stage_num_proposals: int = 300,
                  eff_query_init: bool = False, eff_specific_head: bool = False, rho: float = 0.0,
                  use_enc_aux_loss: bool = False, class_embed: Optional[nn.ModuleList] = None,
-                 bbox_embed: Optional[nn.ModuleList] = None):
+                 bbox_embed: Optional[nn.ModuleList] = None, grad_checkpoint: bool = False):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("a two-stage transformer needs with_box_refine=True: the decoder refines the proposals")
@@ -164,12 +171,14 @@ class DeformableTransformer(nn.Module):
             layer=DeformableTransformerEncoderLayer(**layer_args, n_points=enc_n_points),
             num_layers=num_encoder_layers,
             class_embed=class_embed[first_encoder_head:] if use_enc_aux_loss else None,
-            bbox_embed=bbox_embed[first_encoder_head:] if use_enc_aux_loss else None)
+            bbox_embed=bbox_embed[first_encoder_head:] if use_enc_aux_loss else None,
+            grad_checkpoint=grad_checkpoint)
         self.decoder = DeformableTransformerDecoder(
             layer=DeformableTransformerDecoderLayer(**layer_args, n_points=dec_n_points),
             num_layers=num_decoder_layers,
             class_embed=class_embed if two_stage else None,
-            bbox_embed=bbox_embed if with_box_refine else None)
+            bbox_embed=bbox_embed if with_box_refine else None,
+            grad_checkpoint=grad_checkpoint)
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -401,4 +410,5 @@ def build_deformable_transformer(args, *, class_embed: Optional[nn.ModuleList] =
         use_enc_aux_loss=args.use_enc_aux_loss,
         class_embed=class_embed,
         bbox_embed=bbox_embed,
+        grad_checkpoint=args.grad_checkpoint,
     )

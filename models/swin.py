@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor
 
+from .activation_checkpoint import checkpointing, run_block
 from .backbone_common import check_weights_fit, masked_map
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class SwinBody(SwinTransformer):
     """
 
     def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], window_size: int,
-                 drop_path_rate: float, out_indices: Sequence[int] = (1, 2, 3)):
+                 drop_path_rate: float, out_indices: Sequence[int] = (1, 2, 3), grad_checkpoint: bool = False):
         # Where timm knows them, these options make its own forward shift every stage and accept any size too;
         # ``forward`` below does not depend on them.
         supported = inspect.signature(SwinTransformer.__init__).parameters
@@ -118,6 +119,7 @@ class SwinBody(SwinTransformer):
             raise ValueError(f"out_indices must name Swin stages among 0-{len(depths) - 1}, got {out_indices}")
         self.window = window_size
         self.shift = window_size // 2
+        self.grad_checkpoint = grad_checkpoint
         self.out_indices = out_indices
         self.norm = nn.Identity()
         self.head = nn.Identity()
@@ -145,20 +147,28 @@ class SwinBody(SwinTransformer):
         x = x + block.drop_path1(y[:, :height, :width])
         return x + block.drop_path2(block.mlp(block.norm2(x)))
 
+    def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        """One stage on [B, H, W, C] tokens: its patch merging (identity for the first), then its blocks, every
+        other one shifted."""
+        x = stage.downsample(x)
+        mask = None
+        if len(stage.blocks) > 1:
+            mask = shifted_window_mask(x.shape[1], x.shape[2], self.window, self.shift, device=x.device,
+                                       dtype=x.dtype)
+        for j, block in enumerate(stage.blocks):
+            x = self._block(block, x, self.shift if j % 2 else 0, mask)
+        return x
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """[B, 3, H, W] images -> [B, C_i, ceil(H / s_i), ceil(W / s_i)] for each stage of ``out_indices``
-        (s_i = 4 * 2^i)."""
+        (s_i = 4 * 2^i). With ``grad_checkpoint``, each stage that trains is checkpointed in training."""
         x = F.pad(x, (0, (-x.shape[-1]) % PATCH_SIZE, 0, (-x.shape[-2]) % PATCH_SIZE))
         x = self.patch_embed(x)  # [B, H/4, W/4, C]
+        checkpointed = checkpointing(self, self.grad_checkpoint)
         outputs = []
         for i, stage in enumerate(self.layers):
-            x = stage.downsample(x)  # identity for the first stage
-            mask = None
-            if len(stage.blocks) > 1:
-                mask = shifted_window_mask(x.shape[1], x.shape[2], self.window, self.shift, device=x.device,
-                                           dtype=x.dtype)
-            for j, block in enumerate(stage.blocks):
-                x = self._block(block, x, self.shift if j % 2 else 0, mask)
+            trains = any(p.requires_grad for p in stage.parameters())
+            x = run_block(self._stage, stage, x, active=checkpointed and trains)
             if i in self.out_indices:
                 outputs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
         return outputs
@@ -232,19 +242,22 @@ class SwinBackbone(nn.Module):
     8, 3: stride 16, 4: stride 32) with their padding masks, shallowest first.
 
     ``state_dict``: ImageNet weights in official, timm or detector names (see :func:`official_swin_state_dict`);
-    classifier entries are ignored and the per-output norms keep their initialisation.
+    classifier entries are ignored and the per-output norms keep their initialisation. ``grad_checkpoint``:
+    activation checkpointing of each stage that trains, in training.
     """
 
     def __init__(self, *, name: str = "swin_tiny", train_backbone: bool = True,
                  return_layers: Sequence[int] = (2, 3, 4), freeze_early_layers: bool = True,
-                 state_dict: Optional[Mapping[str, Tensor]] = None, source: str = "the backbone weights"):
+                 state_dict: Optional[Mapping[str, Tensor]] = None, source: str = "the backbone weights",
+                 grad_checkpoint: bool = False):
         super().__init__()
         if name not in SWIN_CONFIGS:
             raise ValueError(f"unknown Swin {name!r}; choose one of {', '.join(SWINS)}")
         layer_ids = tuple(sorted(set(return_layers)))
         if not layer_ids or not set(layer_ids) <= {1, 2, 3, 4}:
             raise ValueError(f"return_layers must name Swin stages among 1-4, got {tuple(return_layers)}")
-        self.body = SwinBody(**SWIN_CONFIGS[name], out_indices=[n - 1 for n in layer_ids])
+        self.body = SwinBody(**SWIN_CONFIGS[name], out_indices=[n - 1 for n in layer_ids],
+                             grad_checkpoint=grad_checkpoint)
         if state_dict is not None:
             self.load_imagenet_weights(state_dict, source)
         early = set(self.body.early_parameter_names())

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activation_checkpoint import checkpointing, run_block
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
@@ -132,33 +134,38 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """``num_layers`` independent copies of ``encoder_layer``, then ``norm`` if given (pre-norm only)."""
+    """``num_layers`` independent copies of ``encoder_layer``, then ``norm`` if given (pre-norm only);
+    ``grad_checkpoint``: activation checkpointing of each layer in training."""
 
-    def __init__(self, *, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: Optional[nn.Module] = None):
+    def __init__(self, *, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: Optional[nn.Module] = None,
+                 grad_checkpoint: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
         self.num_layers = num_layers
         self.norm = norm
+        self.grad_checkpoint = grad_checkpoint
 
     def forward(self, src: Tensor, pos: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src, pos [S, B, C]; key_padding_mask [B, S] -> memory [S, B, C]."""
+        checkpointed = checkpointing(self, self.grad_checkpoint)
         for layer in self.layers:
-            src = layer(src, pos=pos, key_padding_mask=key_padding_mask)
+            src = run_block(layer, src, pos, key_padding_mask, active=checkpointed)
         return src if self.norm is None else self.norm(src)
 
 
 class TransformerDecoder(nn.Module):
     """``num_layers`` independent copies of ``decoder_layer``; ``norm`` (a LayerNorm shared by all
     layers) is applied to every layer's output that is returned. The next layer takes the
-    unnormalised output."""
+    unnormalised output. ``grad_checkpoint``: activation checkpointing of each layer in training."""
 
     def __init__(self, *, decoder_layer: TransformerDecoderLayer, num_layers: int, norm: nn.Module,
-                 return_intermediate: bool = True):
+                 return_intermediate: bool = True, grad_checkpoint: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(num_layers))
         self.num_layers = num_layers
         self.norm = norm
         self.return_intermediate = return_intermediate
+        self.grad_checkpoint = grad_checkpoint
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -168,8 +175,9 @@ class TransformerDecoder(nn.Module):
         [1, Q, B, C] (the last layer).
         """
         outputs = []
+        checkpointed = checkpointing(self, self.grad_checkpoint)
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos=pos, query_pos=query_pos, memory_key_padding_mask=memory_key_padding_mask)
+            tgt = run_block(layer, tgt, memory, pos, query_pos, memory_key_padding_mask, active=checkpointed)
             if self.return_intermediate:
                 outputs.append(self.norm(tgt))
         if not self.return_intermediate:
@@ -182,13 +190,15 @@ class Transformer(nn.Module):
 
     ``encoder_heads`` / ``decoder_heads`` default to ``nhead``; SDETR's second stage uses a
     single-head encoder with an 8-head decoder. Every weight matrix (dim > 1) starts
-    Xavier-uniform.
+    Xavier-uniform. ``grad_checkpoint``: activation checkpointing of every encoder and decoder layer in
+    training.
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu", normalize_before: bool = False, return_intermediate_dec: bool = True,
-                 encoder_heads: Optional[int] = None, decoder_heads: Optional[int] = None):
+                 encoder_heads: Optional[int] = None, decoder_heads: Optional[int] = None,
+                 grad_checkpoint: bool = False):
         super().__init__()
         encoder_heads = nhead if encoder_heads is None else encoder_heads
         decoder_heads = nhead if decoder_heads is None else decoder_heads
@@ -201,12 +211,14 @@ class Transformer(nn.Module):
             encoder_layer=TransformerEncoderLayer(nhead=encoder_heads, **layer_args),
             num_layers=num_encoder_layers,
             norm=nn.LayerNorm(d_model) if normalize_before else None,
+            grad_checkpoint=grad_checkpoint,
         )
         self.decoder = TransformerDecoder(
             decoder_layer=TransformerDecoderLayer(nhead=decoder_heads, **layer_args),
             num_layers=num_decoder_layers,
             norm=nn.LayerNorm(d_model),
             return_intermediate=return_intermediate_dec,
+            grad_checkpoint=grad_checkpoint,
         )
         for param in self.parameters():
             if param.dim() > 1:
@@ -251,6 +263,7 @@ def build_transformer(args) -> Transformer:
         dropout=args.dropout,
         normalize_before=args.pre_norm,
         return_intermediate_dec=True,
+        grad_checkpoint=args.grad_checkpoint,
     )
 
 
@@ -269,5 +282,6 @@ def build_sdetr_transformers(args) -> tuple[Transformer, Transformer]:
             dropout=args.dropout,
             normalize_before=args.pre_norm,
             return_intermediate_dec=True,
+            grad_checkpoint=args.grad_checkpoint,
         ))
     return stages[0], stages[1]

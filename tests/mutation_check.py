@@ -100,6 +100,19 @@ MUTANTS = (
            (("tools/browse_dataset.py", "torch.tensor([width, height, width, height]) * scale",
              "torch.tensor([height, width, height, width]) * scale"),),
            ("tests/test_browse_dataset.py -k flip",)),
+    Mutant("grad_checkpoint_rng_not_restored", "a checkpointed block recomputed with other dropout masks",
+           (("models/activation_checkpoint.py", "use_reentrant=False)", "use_reentrant=False, preserve_rng_state=False)"),),
+           ("tests/test_grad_checkpoint.py -k 'deformable or swin'",)),
+    Mutant("grad_checkpoint_never_on", "--grad_checkpoint not reaching the decoder",
+           (("models/deformable_transformer.py", "            grad_checkpoint=grad_checkpoint)\n        if two_stage:",
+             "            grad_checkpoint=False)\n        if two_stage:"),),
+           ("tests/test_grad_checkpoint.py -k 'deformable or sdetr'",)),
+    Mutant("ema_restarted_on_resume", "--resume restarting the moving average from the weights",
+           (("util/ema.py", "    if saved is not None:\n        ema.load_state_dict", "    if False:\n        ema.load_state_dict"),),
+           ("tests/test_engine.py -k resume_reproduces", "tests/test_ema.py -k restores")),
+    Mutant("ema_updated_on_skipped_steps", "the average updated after a step the fp16 scaler skipped",
+           (("engine.py", "                    if ema is not None:  # a step", "                    pass\n                if ema is not None:  # a step"),),
+           ("tests/test_ema.py -k applied_steps",)),
 )
 
 

@@ -46,10 +46,10 @@ def train_stats(record: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def sparse_runs(coco_root, tmp_path_factory) -> dict[str, Path]:
-    """Sparse DETR, lr drop after every epoch: 'full' trains 2 epochs straight; 'resumed' trains 1 epoch,
-    then a second run resumes its checkpoint for epoch 2."""
+    """Sparse DETR, lr drop after every epoch, a moving average of the weights: 'full' trains 2 epochs straight;
+    'resumed' trains 1 epoch, then a second run resumes its checkpoint for epoch 2."""
     full, resumed = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("resumed")
-    common = [*SPARSE_DETR, "--lr_drop", "1"]
+    common = [*SPARSE_DETR, "--lr_drop", "1", "--ema_decay", "0.7"]
     runner.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(full)))
     runner.run(tiny_args(coco_root, *common, "--epochs", "1", "--output_dir", str(resumed)))
     runner.run(tiny_args(coco_root, *common, "--epochs", "2", "--output_dir", str(resumed),
@@ -97,9 +97,14 @@ def test_resume_reproduces_the_uninterrupted_run(sparse_runs):
     # The lr of epoch k is lr * 0.1^(k // lr_drop): the scheduler steps after each epoch, not before.
     assert [r["train_lr"] for r in full] == pytest.approx([2e-4, 2e-5])
     assert resumed[1]["test_loss"] == full[1]["test_loss"]
-    a = torch.load(sparse_runs["full"] / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(sparse_runs["resumed"] / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The moving average too: restored from the checkpoint, not restarted from the weights.
+    assert resumed[1]["test_ema_loss"] == full[1]["test_ema_loss"] != full[1]["test_loss"]
+    assert resumed[1]["test_ema_coco_eval_bbox"] == full[1]["test_ema_coco_eval_bbox"]
+    a = torch.load(sparse_runs["full"] / "checkpoint.pth", map_location="cpu", weights_only=False)
+    b = torch.load(sparse_runs["resumed"] / "checkpoint.pth", map_location="cpu", weights_only=False)
+    for key in ("model", "model_ema"):
+        assert list(a[key]) == list(b[key]) == list(a["model"])  # the model's keys, in its order
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     # Extra checkpoints before every lr drop (--lr_drop 1).
     assert (sparse_runs["full"] / "checkpoint0000.pth").is_file()
     assert (sparse_runs["full"] / "checkpoint0001.pth").is_file()
@@ -112,6 +117,10 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(coco_root, sparse
     assert stats["test_coco_eval_bbox"] == logged["test_coco_eval_bbox"]
     assert stats["test_loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
     assert stats["test_class_error"] == pytest.approx(logged["test_class_error"], rel=1e-6)
+    ema = runner.run(tiny_args(coco_root, *SPARSE_DETR, "--eval", "--eval_weights", "ema", "--resume",
+                               str(out / "checkpoint0000.pth")))
+    assert ema["test_ema_coco_eval_bbox"] == logged["test_ema_coco_eval_bbox"]
+    assert ema["test_ema_loss"] == pytest.approx(logged["test_ema_loss"], rel=1e-6) != stats["test_loss"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,12 +353,13 @@ def test_resumed_schedule_follows_a_new_lr_drop():
                     reason="needs torch.distributed with gloo")
 def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     """torchrun, 2 CPU processes (gloo): box refinement without auxiliary losses leaves the first decoder
-    layer's heads unused, so DDP needs find_unused_parameters."""
+    layer's heads unused, so DDP needs find_unused_parameters. The moving average (--ema_decay) follows the
+    unwrapped model: its keys have no DDP prefix."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "main.py"), *TINY, "--coco_path", str(coco_root), "--with_box_refine", "--no_aux_loss",
-               "--dec_layers", "2", "--epochs", "1", "--output_dir", str(out)]
+               "--dec_layers", "2", "--epochs", "1", "--ema_decay", "0.7", "--output_dir", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "find_unused_parameters=True" in result.stderr
@@ -358,6 +368,7 @@ def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     assert len(line["test_coco_eval_bbox"]) == 12 and math.isfinite(line["train_loss"])
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert len(checkpoint["rng_state"]) == 2
+    assert list(checkpoint["model_ema"]) == list(checkpoint["model"]) and len(line["test_ema_coco_eval_bbox"]) == 12
 
 
 @pytest.mark.parametrize("model_name", ["detr", "sdetr"])

@@ -57,10 +57,13 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def assert_same_runs(out: Path, reference: Path) -> None:
-    """Bitwise equal final weights and optimiser moments, and the same log.txt."""
+    """Bitwise equal final weights, moving average (--ema_decay) and optimiser moments, and the same log.txt."""
     got, expected = load(out / "checkpoint.pth"), load(reference / "checkpoint.pth")
     assert got["epoch"] == expected["epoch"] and got["progress"] is None
     assert_same_tensors(got["model"], expected["model"])
+    assert ("model_ema" in got) == ("model_ema" in expected)
+    if "model_ema" in expected:
+        assert_same_tensors(got["model_ema"], expected["model_ema"])
     for param, state in expected["optimizer"]["state"].items():
         assert_same_tensors(got["optimizer"]["state"][param], state)
     assert (out / "log.txt").read_text() == (reference / "log.txt").read_text()
@@ -90,15 +93,17 @@ def signal_during_step(monkeypatch, call: int, signum: int = signal.SIGTERM) -> 
 # Stop signals
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(coco_root, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("ema", [[], ["--ema_decay", "0.7"]], ids=["weights", "with_ema"])
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(coco_root, tmp_path, monkeypatch, caplog, ema):
+    """With --ema_decay, the mid-epoch checkpoint holds the moving average and the resumed run continues it."""
     caplog.set_level(logging.INFO)
     reference, out = tmp_path / "reference", tmp_path / "stopped"
-    runner.run(tiny_args(coco_root, "--epochs", "2", "--num_workers", "1", "--output_dir", str(reference)))
+    runner.run(tiny_args(coco_root, *ema, "--epochs", "2", "--num_workers", "1", "--output_dir", str(reference)))
 
     handler_before = signal.getsignal(signal.SIGTERM)
     signal_during_step(monkeypatch, call=3)
     with pytest.raises(process.TrainingStopped) as info:
-        runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+        runner.run(tiny_args(coco_root, *ema, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
     assert info.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is handler_before  # restored
     assert "received SIGTERM: stopping after the current or next training step" in caplog.text
@@ -106,10 +111,11 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(coco_root, tm
             "continue it, run the same command with --resume auto") in caplog.text
     saved = load(out / "checkpoint.pth")
     assert saved["epoch"] == 0 and saved["progress"]["step"] == 3 and not (out / "log.txt").exists()
+    assert ("model_ema" in saved) == bool(ema)
 
     monkeypatch.undo()
     caplog.clear()
-    runner.run(tiny_args(coco_root, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
+    runner.run(tiny_args(coco_root, *ema, "--epochs", "2", "--output_dir", str(out), "--resume", "auto"))
     assert "training continues at epoch 0, iteration 3" in caplog.text
     assert_same_runs(out, reference)  # the reference loaded its data with a worker, these runs with none
 
@@ -442,8 +448,9 @@ def kill_at(run: TrainingProcess, out: Path, phase: str, signum: int, rng: rando
 
 
 def test_a_training_process_killed_at_random_points_ends_as_an_uninterrupted_run(coco_root, tmp_path):
+    """With a moving average of the weights (--ema_decay), which must survive every kill as well."""
     epochs = 7  # enough that the kills below never reach the end of training
-    flags = [*TINY, "--coco_path", str(coco_root), "--deterministic", "--epochs", str(epochs)]
+    flags = [*TINY, "--coco_path", str(coco_root), "--deterministic", "--epochs", str(epochs), "--ema_decay", "0.7"]
     reference, out = tmp_path / "reference", tmp_path / "killed"
     uninterrupted = TrainingProcess([*flags, "--num_workers", "2", "--output_dir", str(reference)])
 
@@ -472,7 +479,9 @@ def test_a_training_process_killed_at_random_points_ends_as_an_uninterrupted_run
     assert len(done) == 5
     assert_same_runs(out, reference)
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == list(range(epochs))
-    assert_same_tensors(load(out / "checkpoint0004.pth")["model"], load(reference / "checkpoint0004.pth")["model"])
+    for key in ("model", "model_ema"):
+        assert_same_tensors(load(out / "checkpoint0004.pth")[key], load(reference / "checkpoint0004.pth")[key])
+    assert all("test_ema_coco_eval_bbox" in json.loads(line) for line in (out / "log.txt").read_text().splitlines())
     assert not list(out.glob(".*.tmp"))
 
 

@@ -76,3 +76,9 @@ EXPORT_VARIANTS = {
               "--sdetr_stage1_dec_heads", "2", "--sdetr_stage2_enc_layers", "1", "--sdetr_stage2_dec_layers", "1",
               "--sdetr_stage2_dec_heads", "2"],
 }
+# tests/test_grad_checkpoint.py
+# Dropout on and every backbone stage training (from scratch: the stem and layer1 too), 32 wide.
+GRAD_CHECKPOINT_TINY = ["--device", "cpu", "--backbone", "resnet18", "--backbone_from_scratch", "--hidden_dim", "32",
+                        "--nheads", "2", "--enc_layers", "2", "--dec_layers", "2", "--dim_feedforward", "32",
+                        "--num_queries", "6", "--num_feature_levels", "2", "--enc_n_points", "2", "--dec_n_points", "2",
+                        "--num_classes", "5", "--dropout", "0.1"]

@@ -2,6 +2,7 @@
 
     python tools/benchmark.py model --device cpu --threads 2          # every measurement, default models
     python tools/benchmark.py model --device cuda --measure fps train
+    python tools/benchmark.py model --device cpu --measure memory --grad_checkpoint off on   # peak memory only
     python tools/benchmark.py op ...                                  # the deformable-attention op (bench_op.py)
 
 Models are full size (ResNet-50, 6+6 layers, 300 queries) unless ``--model_args`` adds ``main.py``
@@ -19,8 +20,14 @@ frozen as with ImageNet weights (stem and layer1). Every measurement uses one ra
 * ``train``: training images per second for each ``--amp`` mode (default off fp16 bf16 on CUDA, off bf16
   on CPU, where fp16 is emulated): train mode, ``engine.train_step``
   (forward under autocast, losses, backward, gradient clipping, AdamW step) on ``--train_batch_size``
-  copies of the image with random valid targets, timed as above. A mode the device's autocast does not
-  support is skipped with a printed note.
+  copies of the image with random valid targets, timed as above, and the peak memory of two such steps
+  (``memory`` alone: without the timing): CUDA ``max_memory_allocated``, CPU peak RSS of a fresh process per
+  model and mode (``tools/bench_memory.py``); "step" columns: the peak minus the memory in use before the
+  first step. A mode the device's autocast does not support is skipped with a printed note.
+
+``--grad_checkpoint off on`` measures the training of every model without and with ``main.py
+--grad_checkpoint``, one row each (the second named ``<model> +grad_checkpoint``, its inference cells n/a:
+checkpointing is off in evaluation).
 
 ``--runtimes`` adds rows for other runtimes of each detector beside PyTorch eager (``fps`` only, CPU for
 onnxruntime): ``onnxruntime`` (the ONNX export of models/export.py) and ``compile`` (``torch.compile``), each
@@ -37,6 +44,7 @@ import argparse
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -51,6 +59,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools import bench_runtimes  # noqa: E402
+from tools.bench_memory import in_fresh_process, step_memory  # noqa: E402
+from tools.bench_table import (  # noqa: E402
+    columns, describe_setup, format_row, table_line, training_columns, write_jsonl)
 from engine import train_step  # noqa: E402
 from runner import AMP_DTYPES, build_optimizer  # noqa: E402
 from main import parse_args  # noqa: E402
@@ -68,7 +79,8 @@ MODELS = {
 # Not a detector: the reference implementations' backbone alone, a lower bound on their models' time.
 YARDSTICK = "reference_r50_backbone"
 DEFAULT_MODELS = [YARDSTICK, "deformable_detr_refine_two_stage", "sparse_detr_rho0.1", "sparse_detr_rho0.5"]
-MEASUREMENTS = ("cost", "fps", "train")
+MEASUREMENTS = ("cost", "fps", "train", "memory")
+GRAD_CHECKPOINT_SUFFIX = " +grad_checkpoint"
 BOXES_PER_IMAGE = 7  # about COCO's average
 
 
@@ -183,11 +195,17 @@ def amp_unsupported(device: torch.device, amp: str) -> Optional[str]:
     return None if enabled else f"{device.type} autocast does not support {dtype}"
 
 
-def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace) -> float:
-    """Images per second of ``engine.train_step`` on a fresh model; raises RuntimeError when a step was
-    skipped for a non-finite loss, since such a step runs no backward."""
+def model_flags(opts: argparse.Namespace, grad_checkpoint: bool) -> list[str]:
+    """The main.py flags of every model: ``--model_args``, plus ``--grad_checkpoint`` for those rows."""
+    return [*opts.model_args, *(["--grad_checkpoint"] if grad_checkpoint else [])]
+
+
+def training_step(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace,
+                  grad_checkpoint: bool = False) -> tuple[Callable[[], None], list[str]]:
+    """(one ``engine.train_step`` of a fresh model ``name`` on ``--train_batch_size`` copies of ``image``, the
+    list into which it appends the problem of each step skipped for a non-finite loss)."""
     device = image.device
-    model, criterion, args = build(name, device, opts.model_args)
+    model, criterion, args = build(name, device, model_flags(opts, grad_checkpoint))
     model.train()
     criterion.train()
     optimizer = build_optimizer(model, args, args.lr, args.lr_backbone)
@@ -202,7 +220,15 @@ def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: a
         if result.problem:
             problems.append(result.problem)
 
-    seconds = median_seconds({name: step}, device, opts.warmup, opts.repeats)[name]
+    return step, problems
+
+
+def training_images_per_second(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace,
+                               grad_checkpoint: bool = False) -> float:
+    """Images per second of ``engine.train_step`` on a fresh model; raises RuntimeError when a step was
+    skipped for a non-finite loss, since such a step runs no backward."""
+    step, problems = training_step(name, amp, image, opts, grad_checkpoint)
+    seconds = median_seconds({name: step}, image.device, opts.warmup, opts.repeats)[name]
     if problems:
         raise RuntimeError(f"{len(problems)} steps skipped: {problems[-1]}")
     return opts.train_batch_size / seconds
@@ -245,63 +271,67 @@ def measure_cells(models: dict[str, Callable], image: torch.Tensor, opts: argpar
     return cells
 
 
-def training_cell(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace) -> tuple[Optional[float], str]:
-    """(training images/s, "") of model ``name`` under ``--amp amp``, or (None, why it did not run)."""
+def memory_child_command(name: str, amp: str, opts: argparse.Namespace, grad_checkpoint: bool) -> list[str]:
+    """The ``benchmark.py train-memory`` command that measures one CPU cell in a fresh process."""
+    command = [sys.executable, str(Path(__file__).resolve()), "train-memory", "--models", name, "--amp", amp,
+               "--device", opts.device, "--threads", str(opts.threads), "--height", str(opts.height),
+               "--width", str(opts.width), "--train_batch_size", str(opts.train_batch_size),
+               # One "=" argument: a value like "--grad_checkpoint" would otherwise parse as an option.
+               f"--model_args={shlex.join(model_flags(opts, grad_checkpoint))}"]
+    return command + (["--system_malloc"] if opts.system_malloc else [])
+
+
+def training_memory(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace,
+                    grad_checkpoint: bool = False) -> dict[str, float]:
+    """``{"peak_mib", "step_mib"}`` of two training steps (``tools/bench_memory.py``): in this process on CUDA,
+    in a fresh one on CPU."""
+    if image.device.type == "cuda":
+        step, _ = training_step(name, amp, image, opts, grad_checkpoint)
+        return step_memory(step, image.device)
+    return in_fresh_process(memory_child_command(name, amp, opts, grad_checkpoint))
+
+
+def failure(error: Exception) -> str:
+    return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
+def training_cell(name: str, amp: str, image: torch.Tensor, opts: argparse.Namespace,
+                  grad_checkpoint: bool = False) -> tuple[dict[str, Optional[float]], str]:
+    """(the training cells of model ``name`` under ``--amp amp``: images/s with ``train``, peak and step MiB;
+    "" or why some did not run)."""
+    cells: dict[str, Optional[float]] = {key: None for key, _, _ in training_columns(opts, amp)}
     reason = amp_unsupported(image.device, amp)
     if reason is not None:
-        return None, reason
+        return cells, reason
+    problems = []
+    if "train" in opts.measure:
+        try:
+            cells[f"train_images_per_s_{amp}"] = training_images_per_second(name, amp, image, opts, grad_checkpoint)
+        except (RuntimeError, NotImplementedError) as error:  # e.g. an op without this dtype, out of memory
+            problems.append(failure(error))
     try:
-        return training_images_per_second(name, amp, image, opts), ""
-    except (RuntimeError, NotImplementedError) as error:  # e.g. an op without this dtype, out of memory
-        return None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        memory = training_memory(name, amp, image, opts, grad_checkpoint)
+        cells[f"train_peak_mib_{amp}"], cells[f"train_step_mib_{amp}"] = memory["peak_mib"], memory["step_mib"]
+    except (RuntimeError, NotImplementedError, subprocess.TimeoutExpired) as error:
+        problems.append("memory " + failure(error))
+    return cells, "; ".join(problems)
 
 
-def training_cells(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
-    """The training cells of model ``name``, one per ``opts.amp`` mode; a mode that cannot run gets None
+def training_cells(name: str, image: torch.Tensor, opts: argparse.Namespace, notes: list[str],
+                   grad_checkpoint: bool = False) -> dict[str, Any]:
+    """The training cells of model ``name``, for each ``opts.amp`` mode; a mode that cannot run gets None
     and a line in ``notes``."""
+    label = name + (GRAD_CHECKPOINT_SUFFIX if grad_checkpoint else "")
     if name == YARDSTICK:
         notes.append(f"{name}: inference only (a backbone, not a detector)")
-        return {f"train_images_per_s_{amp}": None for amp in opts.amp}
+        return {key: None for amp in opts.amp for key, _, _ in training_columns(opts, amp)}
     cells = {}
     for amp in opts.amp:
-        cells[f"train_images_per_s_{amp}"], reason = training_cell(name, amp, image, opts)
+        amp_cells, reason = training_cell(name, amp, image, opts, grad_checkpoint)
+        cells.update(amp_cells)
         if reason:
-            notes.append(f"{name}, train --amp {amp}: skipped ({reason})")
+            notes.append(f"{label}, train --amp {amp}: skipped ({reason})")
     return cells
-
-
-def columns(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """(row key, header, number format) of the table's measurement columns."""
-    cols = []
-    if "cost" in opts.measure:
-        cols += [("params_m", "params (M)", ".2f"), ("gmacs", "GMACs", ".1f")]
-    if "fps" in opts.measure:
-        cols += [(f"fps_bs{b}", f"FPS batch {b}", ".2f") for b in opts.batch_sizes]
-    if "train" in opts.measure:
-        cols += [(f"train_images_per_s_{amp}", f"train img/s amp {amp}", ".3f") for amp in opts.amp]
-    return cols
-
-
-def table_line(cells: list[str]) -> str:
-    """One markdown table line."""
-    return "| " + " | ".join(cells) + " |"
-
-
-def format_row(row: dict[str, Any], cols: list[tuple[str, str, str]]) -> str:
-    """A measured row as a table line; "n/a" where a measurement did not run."""
-    cells = [row["model"]] + ["n/a" if row[key] is None else format(row[key], fmt) for key, _, fmt in cols]
-    return table_line(cells)
-
-
-def describe_setup(device: torch.device, opts: argparse.Namespace, kept_freed_memory: bool) -> str:
-    """The line above the table: device (and on CPU whether freed memory is kept), torch, image, batch and
-    timing settings."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if device.type == "cpu":
-        where += ", freed memory kept" if kept_freed_memory else ", system malloc"
-    extra = f", model flags {' '.join(opts.model_args)}" if opts.model_args else ""
-    return (f"# {where}; torch {torch.__version__}; image {opts.height}x{opts.width}; training batch "
-            f"{opts.train_batch_size}; median of {opts.repeats} (models in turn) after {opts.warmup} warm-up{extra}")
 
 
 def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
@@ -330,6 +360,9 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
                              "export), torch.compile; the others are checked against eager first")
     parser.add_argument("--model_args", default="",
                         help="extra main.py flags for every model, e.g. '--backbone resnet18'")
+    parser.add_argument("--grad_checkpoint", nargs="+", default=["off"], choices=("off", "on"),
+                        help="train each model without (off) and/or with (on) main.py --grad_checkpoint, one row "
+                             "each: e.g. --grad_checkpoint off on to compare their memory and time")
     parser.add_argument("--jsonl", default="", help="also append one JSON object per model to this file")
     opts = parser.parse_args(argv)
     gpu = torch.device(opts.device).type == "cuda"
@@ -356,34 +389,52 @@ def model_benchmark(argv: list[str]) -> None:
     print(table_line(["---"] * (len(cols) + 1)), flush=True)
     notes: list[str] = []
     # All models' inference first, timed in turn; then each model's training, its row printed when done.
-    rows = {name: {"model": name} for name in opts.models}
+    inference = {}
     if "cost" in opts.measure or "fps" in opts.measure:
-        for name, cells in inference_cells(opts.models, image, opts, notes).items():
-            rows.setdefault(name, {"model": name}).update(cells)
-    # Each runtime's row right under its model's; rows of a runtime-only run keep their models' order.
-    rows = {name: rows[name] for model in opts.models for name in rows if name == model or name.startswith(f"{model} (")}
-    for name, row in rows.items():
-        if "train" in opts.measure and " (" in name:
-            row.update({f"train_images_per_s_{amp}": None for amp in opts.amp})
-        elif "train" in opts.measure:
-            row.update(training_cells(name, image, opts, notes))
-        print(format_row(row, cols), flush=True)
-        if opts.jsonl:
-            setup = {"device": str(device), "threads": torch.get_num_threads(),
-                     "kept_freed_memory": kept_freed_memory, "height": opts.height,
-                     "width": opts.width, "train_batch_size": opts.train_batch_size, "warmup": opts.warmup,
-                     "repeats": opts.repeats, "model_args": opts.model_args, "torch": torch.__version__}
-            with open(opts.jsonl, "a") as f:
-                f.write(json.dumps({**setup, **row}) + "\n")
+        inference = inference_cells(opts.models, image, opts, notes)
+    training = "train" in opts.measure or "memory" in opts.measure
+    for name in opts.models:
+        # The eager rows (without and with --grad_checkpoint), then the model's other runtimes (inference only).
+        rows = [{"model": name + (GRAD_CHECKPOINT_SUFFIX if checkpointed else ""), "grad_checkpoint": checkpointed}
+                for checkpointed in [setting == "on" for setting in opts.grad_checkpoint]]
+        rows += [{"model": runtime, "grad_checkpoint": None} for runtime in inference
+                 if runtime.startswith(f"{name} (")]
+        for row in rows:
+            grad_checkpoint = row.pop("grad_checkpoint")
+            if not grad_checkpoint:  # checkpointing is off in evaluation: those cells would repeat the row
+                row.update(inference.get(row["model"], {}))
+            if training and grad_checkpoint is not None:
+                row.update(training_cells(name, image, opts, notes, grad_checkpoint))
+            print(format_row(row, cols), flush=True)
+            if opts.jsonl:
+                write_jsonl(opts, device, kept_freed_memory, row, bool(grad_checkpoint))
     for note in notes:
         print(f"note: {note}")
 
 
+def train_memory(argv: list[str]) -> None:
+    """``benchmark.py train-memory``: one CPU memory cell (the first of ``--models`` and ``--amp``) in this fresh
+    process; prints ``{"peak_mib": ..., "step_mib": ...}`` (``tools/bench_memory.py``)."""
+    opts = parse_model_benchmark_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if not opts.system_malloc:
+        keep_freed_memory()
+    image = torch.randn(3, opts.height, opts.width, generator=torch.Generator().manual_seed(0)).to(opts.device)
+    step, problems = training_step(opts.models[0], opts.amp[0], image, opts)
+    memory = step_memory(step, image.device)
+    if problems:
+        raise SystemExit(f"error: {len(problems)} steps skipped: {problems[-1]}")
+    print(json.dumps(memory))
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("model", "op"):
+    if not argv or argv[0] not in ("model", "op", "train-memory"):
         raise SystemExit("usage: python tools/benchmark.py {model,op} [options]  (--help after the command)")
     if argv[0] == "model":
         model_benchmark(argv[1:])
+    elif argv[0] == "train-memory":  # run by ``model`` on CPU, one process per cell
+        train_memory(argv[1:])
     else:
         from bench_op import main as op_benchmark
         op_benchmark(argv[1:])

@@ -6,7 +6,8 @@ Each run is a folder holding ``log.txt`` (or that file itself): one JSON object 
 ``train_loss``, ``test_loss``, ``test_coco_eval_bbox`` (the 12 COCO numbers: AP, AP50, ...) and other
 ``train_*`` / ``test_*`` values. Panels: train (solid) and test (dashed) loss, AP and AP50, then one per
 ``--keys`` entry (e.g. ``--keys loss_ce loss_mask_prediction`` plots train and test of each). The legend names
-each run by its folder.
+each run by its folder. ``--weights ema`` plots the test values of the moving average of the weights instead
+(``test_ema_*``, runs trained with ``--ema_decay``), ``--weights both`` both (the average dotted).
 """
 from __future__ import annotations
 
@@ -100,20 +101,38 @@ def _series(records: Sequence[dict[str, Any]], key: str, index: Optional[int] = 
     return epochs, values
 
 
-def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ()) -> Path:
+# The test values of each --weights choice: (key prefix, line style, legend suffix).
+TEST_SERIES = {"raw": [("test", "--", "test")], "ema": [("test_ema", ":", "test EMA")],
+               "both": [("test", "--", "test"), ("test_ema", ":", "test EMA")]}
+Curve = tuple[str, Optional[int], str, str]  # key, index in its list value (or None), line style, legend suffix
+
+
+def panel_curves(keys: Sequence[str] = (), weights: str = "raw") -> list[tuple[str, list[Curve]]]:
+    """The panels: (title, curves). Loss (train and test), AP and AP50 (test), then train and test of each of
+    ``keys``; the test curves of the weights (``raw``: ``test_*``), their moving average (``ema``: ``test_ema_*``)
+    or ``both``."""
+    tests = TEST_SERIES[weights]
+    panels: list[tuple[str, list[Curve]]] = [
+        ("loss", [("train_loss", None, "-", "train")] + [(f"{p}_loss", None, s, n) for p, s, n in tests]),
+        ("AP", [(f"{p}_coco_eval_bbox", 0, s.replace("--", "-"), n) for p, s, n in tests]),
+        ("AP50", [(f"{p}_coco_eval_bbox", 1, s.replace("--", "-"), n) for p, s, n in tests]),
+    ]
+    for key in keys:
+        key = key.removeprefix("train_").removeprefix("test_ema_").removeprefix("test_")
+        panels.append((key, [(f"train_{key}", None, "-", "train")] + [(f"{p}_{key}", None, s, n) for p, s, n in tests]))
+    return panels
+
+
+def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = (), weights: str = "raw") -> Path:
     """Write the image ``out`` comparing ``runs`` (".png" appended to a name without extension); returns its
-    path."""
+    path. ``weights``: see :func:`panel_curves`; SystemExit for ``ema`` / ``both`` when no run has EMA values."""
     out = figure_path(out)
     logs = [read_log(run) for run in runs]
     labels = run_labels(runs)
-    panels: list[tuple[str, list[tuple[str, Optional[int], str]]]] = [
-        ("loss", [("train_loss", None, "-"), ("test_loss", None, "--")]),
-        ("AP", [("test_coco_eval_bbox", 0, "-")]),
-        ("AP50", [("test_coco_eval_bbox", 1, "-")]),
-    ]
-    for key in keys:
-        key = key.removeprefix("train_").removeprefix("test_")
-        panels.append((key, [(f"train_{key}", None, "-"), (f"test_{key}", None, "--")]))
+    if weights != "raw" and not any(key.startswith("test_ema_") for records in logs for r in records for key in r):
+        raise SystemExit(f"--weights {weights}: no test_ema_* values in these logs (the runs were trained without "
+                         "--ema_decay); plot their weights with --weights raw")
+    panels = panel_curves(keys, weights)
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
@@ -121,11 +140,11 @@ def plot_logs(runs: Sequence[str | Path], out: str | Path, keys: Sequence[str] =
     for ax, (title, curves) in zip(axes.flat, panels):
         drawn = False
         for run_index, (records, label) in enumerate(zip(logs, labels)):
-            for key, index, style in curves:
+            for key, index, style, series in curves:
                 epochs, values = _series(records, key, index)
                 if not epochs:
                     continue
-                split = f" ({key.split('_')[0]})" if len(curves) > 1 else ""
+                split = f" ({series})" if len(curves) > 1 else ""
                 ax.plot(epochs, values, style, color=colors[run_index % len(colors)], marker="." if
                         len(epochs) < 30 else None, label=f"{label}{split}")
                 drawn = True
@@ -152,8 +171,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                         help="image to write (.png appended to a name without extension)")
     parser.add_argument("--keys", nargs="*", default=[], metavar="KEY",
                         help="more train_/test_ values to plot, one panel each (e.g. loss_ce class_error)")
+    parser.add_argument("--weights", default="raw", choices=tuple(TEST_SERIES),
+                        help="test values of the trained weights (raw: test_*), of their moving average (ema: "
+                             "test_ema_*, runs with --ema_decay) or both")
     args = parser.parse_args(argv)
-    out = plot_logs(args.runs, args.out, args.keys)
+    out = plot_logs(args.runs, args.out, args.keys, args.weights)
     print(f"wrote {out}")
     return out
 

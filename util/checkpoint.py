@@ -153,6 +153,22 @@ def remove_unfinished_writes(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def model_state(checkpoint: Mapping[str, Any], weights: str = "raw", *, source: str | Path = "the checkpoint"
+                ) -> dict[str, Tensor]:
+    """The state dict of ``checkpoint`` to load: its trained weights (``weights="raw"``, ``model``) or their
+    moving average (``"ema"``, ``model_ema``, written by runs with ``--ema_decay``; same keys). Raises InputError
+    when the checkpoint holds no average (e.g. an official checkpoint)."""
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+    if weights == "raw":
+        return checkpoint["model"]
+    if checkpoint.get("model_ema") is None:
+        raise InputError(f"{source} holds no moving average of the weights (no 'model_ema': the run was trained "
+                         "without --ema_decay, or it is an official checkpoint); use its raw weights "
+                         "(--eval_weights raw)")
+    return checkpoint["model_ema"]
+
+
 def strip_ddp_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop the ``module.`` prefix of a state dict saved from a DistributedDataParallel wrapper."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -375,11 +391,13 @@ def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim
 def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, scaler, epoch: int,
                       output_dir: Path, *, run_args: argparse.Namespace, lr_drop: int, keep_every: int,
                       progress: Optional[EpochProgress] = None,
-                      train_stats: Optional[Mapping[str, Any]] = None) -> Path:
+                      train_stats: Optional[Mapping[str, Any]] = None,
+                      model_ema: Optional[Mapping[str, Tensor]] = None) -> Path:
     """Save from rank 0, and return the path of, checkpoint.pth (every process must call it: it gathers their
     random states): with ``progress``, that of epoch ``epoch`` stopped midway; otherwise that of the finished
     epoch (with its ``train_stats``), plus checkpoint{epoch:04}.pth when due (see :func:`checkpoint_paths`).
-    ``run_args`` (the run's flags) are stored as they are, as the reference does."""
+    ``run_args`` (the run's flags) are stored as they are, as the reference does; ``model_ema`` (``--ema_decay``:
+    the moving average's state dict) under ``model_ema``, a key the checkpoint lacks without it."""
     rng_states = all_gather_object(capture_rng_state())
     latest = output_dir / "checkpoint.pth"
     if not is_main_process():
@@ -395,6 +413,8 @@ def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_sch
         "progress": None if progress is None else asdict(progress),
         "train_stats": None if train_stats is None else dict(train_stats),
     }
+    if model_ema is not None:
+        checkpoint["model_ema"] = model_ema
     paths = [latest] if progress is not None else checkpoint_paths(output_dir, epoch, lr_drop, keep_every)
     # checkpoint.pth last: a kill between two writes then redoes the epoch rather than lose checkpoint{epoch:04}.pth.
     for path in reversed(paths):

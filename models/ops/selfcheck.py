@@ -62,7 +62,11 @@ def largest_difference(device: torch.device, dtype: torch.dtype) -> tuple[float,
     for name, inputs in (("kernel", (value, locations, weights)),
                          ("reference", (value.double(), locations.double(), weights.double()))):
         inputs = [t.detach().requires_grad_() for t in inputs]
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # Its own saved-tensor hooks: the first use may come inside an activation checkpoint (--grad_checkpoint),
+        # whose hooks would otherwise count this graph's tensors as the block's, and find them missing when the
+        # block runs again in backward (without the check, done by then).
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
             if name == "kernel":
                 output = run_kernel(inputs[0], shapes, starts, inputs[1], inputs[2])
             else:

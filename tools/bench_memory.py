@@ -1,0 +1,85 @@
+"""Peak memory of training steps, for ``benchmark.py model --measure train`` / ``memory``.
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the steps (tensors only, not the caching allocator's
+  reserve), measured in the benchmark's process after resetting the peak.
+* CPU: the process's peak resident set size (Linux's ``VmHWM``), which holds every earlier model of a
+  process: each cell runs in a fresh process (``benchmark.py train-memory``), which prints one JSON line.
+  Not ``ru_maxrss``: Linux carries into it the peak of the process image that ``exec`` replaced, here the
+  benchmark's own process, which can be the larger one.
+
+Both report ``peak_mib`` (the peak) and ``step_mib``: the peak minus the memory in use just before the first
+step (model, batch, interpreter), i.e. what the steps themselves add: activations, gradients and the
+optimiser's state (and, on CPU, the code and thread pools that the first forward and backward load, some
+tens of MiB, alike with and without ``--grad_checkpoint``). Two steps: the second is the larger one (the first step's gradients and the AdamW moments
+are alive during its forward).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+MIB = 2**20
+STEPS = 2
+
+
+def proc_status_mib(field: str) -> Optional[float]:
+    """A memory field of Linux's /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / MIB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """This process image's peak resident set size so far: ``VmHWM`` on Linux, else ``ru_maxrss`` (bytes on
+    macOS)."""
+    peak = proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / MIB if sys.platform == "darwin" else maxrss * 1024 / MIB
+
+
+def current_rss_mib() -> float:
+    """This process's resident set size now (``VmRSS``; off Linux, its peak so far)."""
+    current = proc_status_mib("VmRSS")
+    return peak_rss_mib() if current is None else current
+
+
+def step_memory(step: Callable[[], None], device: torch.device, steps: int = STEPS) -> dict[str, float]:
+    """``{"peak_mib", "step_mib"}`` of ``steps`` calls of ``step`` on ``device`` (see the module docstring). On
+    CPU the peak is the process's: call it in a fresh process."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device) / MIB
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / MIB
+    else:
+        before = current_rss_mib()
+        for _ in range(steps):
+            step()
+        peak = peak_rss_mib()
+    return {"peak_mib": peak, "step_mib": peak - before}
+
+
+def in_fresh_process(command: list[str], timeout: float = 3600) -> dict[str, float]:
+    """The JSON object that ``command`` (a Python process) prints on its last output line; RuntimeError with
+    the end of its error output when it fails."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the memory-measuring process exited with {result.returncode}: {tail[:300]}")
+    return json.loads(lines[-1])
