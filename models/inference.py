@@ -29,7 +29,7 @@ from torchvision.transforms import functional as TF
 from datasets.coco_names import COCO_CATEGORY_NAMES
 from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image
 from datasets.transforms import make_coco_transforms
-from util.checkpoint import CheckpointMismatchError, load_checkpoint
+from util.checkpoint import CheckpointMismatchError, load_checkpoint, model_state
 from util.errors import InputError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -41,7 +41,6 @@ ImageInput = Union[str, Path, PIL.Image.Image, Tensor]
 Flags = Union[None, Sequence[str], str, Path]
 # Where a checkpoint keeps each set of weights: the trained ones, and their exponential moving average
 # (written by training with --ema_decay).
-WEIGHT_KEYS = {"raw": "model", "ema": "model_ema"}
 
 
 def config_script_flags(path: str | Path) -> list[str]:
@@ -116,14 +115,10 @@ def model_args(stored: Any, model_flags: Sequence[str], device: str) -> argparse
 
 def select_weights(checkpoint: Mapping[str, Any], weights: str, source: str | Path) -> dict[str, Any]:
     """``checkpoint`` with the chosen set of weights under ``model``: ``"raw"`` (as trained) or ``"ema"`` (their
-    moving average). The one place that picks a state dict for inference."""
-    if weights not in WEIGHT_KEYS:
-        raise InputError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_KEYS)}")
-    key = WEIGHT_KEYS[weights]
-    if checkpoint.get(key) is None:
-        raise InputError(f"{source} holds no {weights} weights (no {key!r} entry; EMA weights are saved by "
-                         "training with --ema_decay): use the raw weights")
-    return {**checkpoint, "model": checkpoint[key]}
+    moving average), picked by ``util.checkpoint.model_state``."""
+    if weights not in ("raw", "ema"):
+        raise InputError(f"weights={weights!r}: choose raw or ema")
+    return {**checkpoint, "model": model_state(checkpoint, weights, source=source)}
 
 
 def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str, *, trust: bool = False,
