@@ -1,4 +1,6 @@
 """models/inference.py: the Detector API on every input kind, class names, config scripts and weight choice."""
+import json
+
 import PIL.Image
 import pytest
 import torch
@@ -97,3 +99,20 @@ def test_official_checkpoint_with_flags_or_config_script(checkpoint, tmp_path):
         Detector.from_checkpoint(tmp_path / "official.pth", flags=TINY + ["--with_box_refine"])
     with pytest.raises(InputError, match="config script not found"):
         Detector.from_checkpoint(tmp_path / "official.pth", flags=tmp_path / "missing.sh")
+
+
+def test_predict_weights_flag_reaches_the_model(checkpoint, image, tmp_path):
+    """Catches: tools/predict.py --weights ema ignored (raw weights loaded), or a checkpoint without an average
+    loading silently."""
+    from tools import predict
+    PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
+    scores = {}
+    for weights in ("raw", "ema"):
+        out = tmp_path / f"out_{weights}"
+        predict.main(["--resume", str(checkpoint / "with_ema.pth"), str(tmp_path / "a.png"), "--out", str(out),
+                      "--threshold", "0", "--device", "cpu", "--size", "64", "--weights", weights])
+        scores[weights] = [d["score"] for d in json.loads((out / "detections.json").read_text())]
+    assert scores["raw"] != scores["ema"]
+    with pytest.raises(SystemExit, match="holds no moving average"):
+        predict.main(["--resume", str(checkpoint / "checkpoint.pth"), str(tmp_path / "a.png"), "--out",
+                      str(tmp_path / "out_none"), "--device", "cpu", "--weights", "ema"])

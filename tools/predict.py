@@ -45,11 +45,12 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str, *, trust: bool = False):
+def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str, *, trust: bool = False,
+               weights: str = "raw"):
     """``(model in eval mode on device, bbox postprocessor, args)`` for a checkpoint (``trust``: see
     ``--trust_checkpoint``): ``models.inference.load_model``, its errors as one-paragraph SystemExits."""
     try:
-        return inference.load_model(checkpoint_path, model_flags, device, trust=trust)
+        return inference.load_model(checkpoint_path, model_flags, device, trust=trust, weights=weights)
     except (FileNotFoundError, InputError) as err:
         raise SystemExit(str(err)) from None
 
@@ -164,6 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="unpickle the checkpoint without restriction (legacy files holding other objects than "
                              "weights and settings): it can carry code that then runs; only for trusted files")
+    parser.add_argument("--weights", default="raw", choices=("raw", "ema"),
+                        help="the checkpoint's trained weights, or their moving average (runs with --ema_decay)")
     parser.add_argument("--size", type=int, default=800, help="shorter side the images are resized to")
     parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
     args = parser.parse_args(argv)
@@ -182,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     images = find_images(args.inputs)
     out_dir = Path(args.out)
     check_out_dir(out_dir, args.inputs, images)
-    model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint)
+    model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint,
+                                                   weights=args.weights)
     names = category_names(model_args_.num_classes, annotations)
     detector = inference.Detector(model=model, postprocessor=postprocessor, device=args.device, val_size=args.size,
                                   max_size=args.max_size, class_names=names, batch_size=args.batch_size)
