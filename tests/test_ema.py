@@ -67,7 +67,7 @@ def test_only_applied_steps_update_the_average(monkeypatch):
 
     ema, model = CountingEMA(), nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    result = engine.train_one_epoch(model, nn.Module(), [(None, None)] * 4, optimizer, torch.device("cpu"), 0,
+    result = engine.train_one_epoch(model, nn.Module(), [(None, [{}])] * 4, optimizer, torch.device("cpu"), 0,
                                     ema=ema)
     assert result.complete and ema.updates == 2
 

@@ -130,15 +130,17 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(coco_root, sparse
 def test_checkpoint_of_another_variant_fails_with_the_cause(coco_root, sparse_runs):
     model, _, _ = build_model(tiny_args(coco_root))  # plain Deformable DETR
     checkpoint = ckpt.load_checkpoint(sparse_runs["full"] / "checkpoint.pth")
+    flags = vars(tiny_args(coco_root))
     with pytest.raises(ckpt.CheckpointMismatchError) as info:
-        runner.load_weights_strict(model, checkpoint, "sparse.pth", tiny_args(coco_root))
+        runner.load_weights_strict(model, checkpoint, "sparse.pth", current_flags=flags, built_as="--model deformable")
     message = str(info.value)
     assert "missing from the checkpoint" in message and "unexpected in the checkpoint" in message
     assert "query_embed.weight" in message and "transformer.enc_mask_predictor" in message
     assert "--two_stage is True in the checkpoint but False now" in message
     # An official-style checkpoint holds only the weights: the cause is read from the key names.
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"--two_stage differs.*--rho differs"):
-        runner.load_weights_strict(model, {"model": checkpoint["model"]}, "official.pth", tiny_args(coco_root))
+        runner.load_weights_strict(model, {"model": checkpoint["model"]}, "official.pth", current_flags=flags,
+                                   built_as="--model deformable")
 
 
 def test_finetune_skips_tensors_of_another_shape(coco_root, sparse_runs, caplog):
