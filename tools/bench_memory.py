@@ -5,7 +5,7 @@
 * CPU: the process's peak resident set size (Linux's ``VmHWM``), which holds every earlier model of a
   process: each cell runs in a fresh process (``benchmark.py train-memory``), which prints one JSON line.
   Not ``ru_maxrss``: Linux carries into it the peak of the process image that ``exec`` replaced, here the
-  benchmark's own process, which can be the larger one.
+  benchmark's own process, which can be the larger one (see util/memory.py).
 
 Both report ``peak_mib`` (the peak) and ``step_mib``: the peak minus the memory in use just before the first
 step (model, batch, interpreter), i.e. what the steps themselves add: activations, gradients and the
@@ -16,43 +16,14 @@ are alive during its forward).
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
-import sys
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-MIB = 2**20
+from util.memory import MIB, current_rss_mib, peak_rss_mib
+
 STEPS = 2
-
-
-def proc_status_mib(field: str) -> Optional[float]:
-    """A memory field of Linux's /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / MIB
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mib() -> float:
-    """This process image's peak resident set size so far: ``VmHWM`` on Linux, else ``ru_maxrss`` (bytes on
-    macOS)."""
-    peak = proc_status_mib("VmHWM")
-    if peak is not None:
-        return peak
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / MIB if sys.platform == "darwin" else maxrss * 1024 / MIB
-
-
-def current_rss_mib() -> float:
-    """This process's resident set size now (``VmRSS``; off Linux, its peak so far)."""
-    current = proc_status_mib("VmRSS")
-    return peak_rss_mib() if current is None else current
 
 
 def step_memory(step: Callable[[], None], device: torch.device, steps: int = STEPS) -> dict[str, float]:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+from util.memory import peak_rss_mib
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,7 @@ def peak_memory() -> tuple[float, str]:
     else the process's peak resident set size (``"RSS"``)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20, "GPU"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return float("nan"), "RSS"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10), "RSS"  # bytes on macOS, KiB on Linux
+    return peak_rss_mib(), "RSS"
 
 
 def console_losses(smoothed: Mapping[str, float]) -> dict[str, float]:
