@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, PIL.Image.Image, Tensor]
 Flags = Union[None, Sequence[str], str, Path]
-# Where a checkpoint keeps each set of weights: the trained ones, and their exponential moving average
-# (written by training with --ema_decay).
 
 
 def config_script_flags(path: str | Path) -> list[str]:
