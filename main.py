@@ -191,7 +191,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"{_model_default('lr_scaling')}")
     g.add_argument("--amp", default="off", choices=("off", "fp16", "bf16"),
                    help="mixed precision: autocast the model to fp16 (with gradient scaling) or bf16")
-    g.add_argument("--log_every", default=50, type=int, metavar="N", help="a progress line every N training (and evaluation) steps")
+    g.add_argument("--log_every", default=50, type=int, metavar="N",
+                   help="a progress line every N training (and evaluation) steps")
     g.add_argument("--eval_every", default=1, type=int, metavar="N",
                    help="evaluate every N epochs (and always after the last one)")
     g.add_argument("--max_nonfinite", default=10, type=int, metavar="N",

@@ -114,8 +114,6 @@ def model_args(stored: Any, model_flags: Sequence[str], device: str) -> argparse
 def select_weights(checkpoint: Mapping[str, Any], weights: str, source: str | Path) -> dict[str, Any]:
     """``checkpoint`` with the chosen set of weights under ``model``: ``"raw"`` (as trained) or ``"ema"`` (their
     moving average), picked by ``util.checkpoint.model_state``."""
-    if weights not in ("raw", "ema"):
-        raise InputError(f"weights={weights!r}: choose raw or ema")
     return {**checkpoint, "model": model_state(checkpoint, weights, source=source)}
 
 

@@ -157,9 +157,9 @@ def model_state(checkpoint: Mapping[str, Any], weights: str = "raw", *, source: 
                 ) -> dict[str, Tensor]:
     """The state dict of ``checkpoint`` to load: its trained weights (``weights="raw"``, ``model``) or their
     moving average (``"ema"``, ``model_ema``, written by runs with ``--ema_decay``; same keys). Raises InputError
-    when the checkpoint holds no average (e.g. an official checkpoint)."""
+    when the checkpoint holds no average (e.g. an official checkpoint) or ``weights`` is neither."""
     if weights not in ("raw", "ema"):
-        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+        raise InputError(f"weights={weights!r}: choose raw (the trained weights) or ema (their moving average)")
     if weights == "raw":
         return checkpoint["model"]
     if checkpoint.get("model_ema") is None:
