@@ -21,6 +21,12 @@ def checkpointing(module: nn.Module, grad_checkpoint: bool) -> bool:
     return grad_checkpoint and module.training and torch.is_grad_enabled()
 
 
+def trains(module: nn.Module) -> bool:
+    """Whether some parameter of ``module`` trains: a frozen block (e.g. a frozen backbone stage) saves no
+    activations for backward, so checkpointing it would only add a forward."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 def run_block(block: Callable[..., Any], *inputs: Any, active: bool) -> Any:
     """``block(*inputs)``, under a non-reentrant activation checkpoint when ``active``."""
     if not active:

@@ -18,7 +18,7 @@ from util.checkpoint import torch_load
 from util.errors import InputError
 from util.misc import NestedTensor
 
-from .activation_checkpoint import checkpointing, run_block
+from .activation_checkpoint import checkpointing, run_block, trains
 from .backbone_common import check_weights_fit, masked_map
 from .position_encoding import build_position_encoding
 from .swin import SWINS, SwinBackbone
@@ -119,11 +119,6 @@ def resnet_stage(stage: nn.Sequential, x: Tensor) -> Tensor:
     for block in stage:
         x = residual_block(block, x)
     return x
-
-
-def trains(module: nn.Module) -> bool:
-    """Whether some parameter of ``module`` trains (the stages of a frozen backbone save no activations)."""
-    return any(p.requires_grad for p in module.parameters())
 
 
 class ResNetBackbone(nn.Module):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor
 
-from .activation_checkpoint import checkpointing, run_block
+from .activation_checkpoint import checkpointing, run_block, trains
 from .backbone_common import check_weights_fit, masked_map
 
 logger = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ class SwinBody(SwinTransformer):
         checkpointed = checkpointing(self, self.grad_checkpoint)
         outputs = []
         for i, stage in enumerate(self.layers):
-            trains = any(p.requires_grad for p in stage.parameters())
-            x = run_block(self._stage, stage, x, active=checkpointed and trains)
+            x = run_block(self._stage, stage, x, active=checkpointed and trains(stage))
             if i in self.out_indices:
                 outputs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
         return outputs
