@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activation_checkpoint import checkpointing, run_block
-from .ops import LevelShapes, MSDeformAttn
+from .ops import LevelShapes, MSDeformAttn, level_shapes_of
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -136,8 +136,7 @@ class DeformableTransformerEncoder(nn.Module):
         Returns a dict: ``memory`` [B, S, C] and, with aux heads, ``aux_logits`` / ``aux_boxes``:
         lists (one per layer but the last) of [B, K, num_classes] / [B, K, 4] (sigmoid boxes).
         """
-        if level_shapes is None:
-            level_shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        level_shapes = level_shapes_of(spatial_shapes, level_shapes)
         reference_points = self.reference_points(level_shapes, valid_ratios)
         query, query_pos = src, pos
         if kept_index is not None:

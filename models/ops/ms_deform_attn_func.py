@@ -58,7 +58,7 @@ _logged_gather = False  # the gather path is announced once per process
 LevelShapes = Sequence[tuple[int, int]]
 
 
-def _shapes(spatial_shapes: Tensor, level_shapes: Optional[LevelShapes]) -> list[tuple[int, int]]:
+def level_shapes_of(spatial_shapes: Tensor, level_shapes: Optional[LevelShapes]) -> list[tuple[int, int]]:
     """(H_l, W_l) per level as Python ints: ``level_shapes`` when given, else read from the tensor."""
     if level_shapes is not None:
         return [(h, w) for h, w in level_shapes]
@@ -70,7 +70,7 @@ def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locat
     """Pure-PyTorch multi-scale deformable attention (runs on any device and dtype)."""
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    shapes = _shapes(spatial_shapes, level_shapes)
+    shapes = level_shapes_of(spatial_shapes, level_shapes)
     per_level_values = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = sampling_locations * 2 - 1
@@ -97,7 +97,7 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, sampling_locati
     ``torch.use_deterministic_algorithms(True)``."""
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
-    shapes = _shapes(spatial_shapes, level_shapes)
+    shapes = level_shapes_of(spatial_shapes, level_shapes)
     samples, weights = [], []
     for level, (value_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
         # [B, H_l*W_l, H, D] -> [B*H, H_l*W_l, D]; locations [B, Q, H, P, 2] -> pixels [B*H, Q*P]
