@@ -63,7 +63,8 @@ def test_predict_writes_json_and_pngs(checkpoint, images, tmp_path):
 
 
 def test_predict_threshold_official_checkpoint_flags_and_category_names(checkpoint, images, tmp_path):
-    from tools.predict import category_names, main as predict
+    from models.inference import category_names
+    from tools.predict import main as predict
 
     folder, single = images
     base = ["--out", str(tmp_path / "a"), "--size", "64", "--max_size", "96", "--device", "cpu"]

@@ -71,11 +71,6 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     return images
 
 
-def category_names(num_classes: int, annotations: Optional[Mapping[str, Any]]) -> dict[int, str]:
-    """Display names by category id (see ``models.inference.category_names``)."""
-    return inference.category_names(num_classes, annotations)
-
-
 def draw_detections(image: PIL.Image.Image, detections: Sequence[Mapping[str, Any]], names: Mapping[int, str],
                     out: Path) -> None:
     """``image`` with ``detections`` (COCO format: ``bbox`` [x, y, w, h] pixels, ``category_id``, ``score``), the
@@ -187,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     check_out_dir(out_dir, args.inputs, images)
     model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint,
                                                    weights=args.weights)
-    names = category_names(model_args_.num_classes, annotations)
+    names = inference.category_names(model_args_.num_classes, annotations)
     detector = inference.Detector(model=model, postprocessor=postprocessor, device=args.device, val_size=args.size,
                                   max_size=args.max_size, class_names=names, batch_size=args.batch_size)
     image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
