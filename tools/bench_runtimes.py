@@ -6,7 +6,7 @@
 * ``compile``: ``torch.compile(model)`` (default mode); a row only where compiling succeeds.
 
 Each is first checked against eager on the benchmark image: a runtime whose logits or boxes differ by more
-than ``TOLERANCE`` gets no FPS (a fast wrong answer is no result), only a note.
+than ``TOLERANCE`` (``models.export.DEFAULT_TOLERANCE``, the tolerance of ``export_onnx.py --verify``) gets no FPS (a fast wrong answer is no result), only a note.
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.export import OnnxDetector, export_onnx  # noqa: E402
+from models.export import DEFAULT_TOLERANCE as TOLERANCE, OnnxDetector, export_onnx  # noqa: E402
 from models.heads import PostProcess  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "onnxruntime", "compile")
-TOLERANCE = 1e-4  # max abs difference of logits and boxes from eager, float32
 
 
 class OnnxRuntimeModel:
