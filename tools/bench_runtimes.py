@@ -6,7 +6,8 @@
 * ``compile``: ``torch.compile(model)`` (default mode); a row only where compiling succeeds.
 
 Each is first checked against eager on the benchmark image: a runtime whose logits or boxes differ by more
-than ``TOLERANCE`` (``models.export.DEFAULT_TOLERANCE``, the tolerance of ``export_onnx.py --verify``) gets no FPS (a fast wrong answer is no result), only a note.
+than ``TOLERANCE`` (``models.export.DEFAULT_TOLERANCE``, that of ``export_onnx.py --verify``) gets no FPS (a
+fast wrong answer is no result), only a note.
 """
 from __future__ import annotations
 
