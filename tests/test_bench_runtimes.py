@@ -40,3 +40,19 @@ def test_runtime_that_differs_from_eager_gets_no_row():
     samples = nested_tensor_from_tensor_list([torch.randn(3, 8, 8)])
     rows = bench_runtimes.runtime_models("m", Model(), samples, ["eager", "compile"], notes, workdir=None)
     assert rows == {} and len(notes) == 1 and "not timed" in notes[0], notes
+
+
+def test_runtime_agreement_pairs_swapped_queries_as_verify_does():
+    """Catches: a runtime refused because two near-tied two-stage proposals swapped places (``--verify`` pairs
+    queries by minimum cost; the benchmark must judge agreement the same way), or a real difference hidden."""
+    import torch
+    from tools import bench_runtimes
+
+    logits, boxes = torch.rand(2, 5, 3), torch.rand(2, 5, 4)
+    swapped = [1, 0, 2, 3, 4]
+    expected = {"pred_logits": logits, "pred_boxes": boxes}
+    got = {"pred_logits": logits[:, swapped], "pred_boxes": boxes[:, swapped]}
+    assert bench_runtimes.max_differences(expected, got) == (0.0, 0.0)
+    got["pred_boxes"] = got["pred_boxes"].clone()
+    got["pred_boxes"][1, 3, 2] += 0.5
+    assert abs(bench_runtimes.max_differences(expected, got)[1] - 0.5) < 1e-6
