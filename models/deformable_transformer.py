@@ -137,7 +137,8 @@ class DeformableTransformer(nn.Module):
     ``two_stage`` or ``use_enc_aux_loss``. The decoder holds every box head (box refinement) and every
     class head (two-stage), the encoder its own (encoder auxiliary loss), and the detector the same
     modules: the official checkpoints' layout (``transformer.decoder.class_embed.*``).
-    ``grad_checkpoint``: activation checkpointing of every encoder and decoder layer in training.
+    ``grad_checkpoint``: activation checkpointing, in training, of every encoder and decoder layer and of
+    the two passes over all S tokens: the scoring network and the two-stage proposal heads.
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
@@ -161,6 +162,7 @@ class DeformableTransformer(nn.Module):
         self.eff_specific_head = eff_specific_head
         self.rho = rho
         self.use_enc_aux_loss = use_enc_aux_loss
+        self.grad_checkpoint = grad_checkpoint
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if rho:
             self.enc_mask_predictor = MaskPredictor(in_dim=d_model, hidden_dim=d_model)
@@ -268,12 +270,16 @@ class DeformableTransformer(nn.Module):
         """
         kept_counts = ((~levels.mask).sum(-1) * self.rho).int() + 1
         num_kept = self.largest_kept_count(kept_counts, levels.src.shape[1])
-        scores = self.enc_mask_predictor(
-            self.project_tokens(levels.src + levels.pos, levels.mask, proposals_valid)).squeeze(-1)
+        scores = run_block(self.score_tokens, levels.src + levels.pos, levels.mask, proposals_valid,
+                           active=checkpointing(self, self.grad_checkpoint))
         # Padding never wins a place (-inf, where the reference's minimum could tie with a valid token).
         kept_index = torch.topk(scores.masked_fill(levels.mask, float("-inf")), num_kept, dim=1)[1]
         return {"backbone_mask_prediction": scores.masked_fill(levels.mask, scores.min()),
                 "backbone_topk_proposals": kept_index, "sparse_token_nums": kept_counts}
+
+    def score_tokens(self, tokens: Tensor, padding_mask: Tensor, valid: Tensor) -> Tensor:
+        """The scoring network's logit [B, S] of each token [B, S, C] (with its position encoding)."""
+        return self.enc_mask_predictor(self.project_tokens(tokens, padding_mask, valid)).squeeze(-1)
 
     @staticmethod
     def largest_kept_count(kept_counts: Tensor, num_tokens: int) -> int:
@@ -303,10 +309,8 @@ class DeformableTransformer(nn.Module):
         Returns the queries' contents and positions [B, Q, C], their reference boxes [B, Q, 4] (sigmoid,
         detached) and every token's proposal: class logits [B, S, num_classes], box logits [B, S, 4].
         """
-        features = self.project_tokens(memory, levels.mask, proposals_valid)
-        # The head after the decoder's own scores and regresses the proposals.
-        proposal_class = self.decoder.class_embed[self.decoder.num_layers](features)
-        proposal_unact = proposals_unact + self.decoder.bbox_embed[self.decoder.num_layers](features)
+        proposal_class, proposal_unact = run_block(self.token_proposal_heads, memory, levels.mask, proposals_valid,
+                                                   proposals_unact, active=checkpointing(self, self.grad_checkpoint))
         objectness = proposal_class.max(-1)[0] if self.eff_specific_head else proposal_class[..., 0]
         if objectness.shape[1] < self.two_stage_num_proposals:
             shapes = " + ".join(f"{h}x{w}" for h, w in levels.spatial_shapes.tolist())
@@ -323,6 +327,14 @@ class DeformableTransformer(nn.Module):
         else:
             query_pos, tgt = pos_trans_out.split(self.d_model, dim=2)
         return tgt, query_pos, topk_coords_unact.sigmoid(), proposal_class, proposal_unact
+
+    def token_proposal_heads(self, memory: Tensor, padding_mask: Tensor, valid: Tensor, proposals_unact: Tensor
+                             ) -> tuple[Tensor, Tensor]:
+        """Every encoded token's proposal, scored and regressed by the head after the decoder's own: class
+        logits [B, S, num_classes] and box logits [B, S, 4] (``proposals_unact`` [B, S, 4] plus the offsets)."""
+        features = self.project_tokens(memory, padding_mask, valid)
+        return (self.decoder.class_embed[self.decoder.num_layers](features),
+                proposals_unact + self.decoder.bbox_embed[self.decoder.num_layers](features))
 
     def learned_queries(self, query_embed: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """Deformable DETR's queries: ``query_embed`` [Q, 2C] splits into positions and contents, the
