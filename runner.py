@@ -42,6 +42,7 @@ from epochs import (
 )
 from engine import EvaluationStopped, evaluate, to_device, train_one_epoch, weighted_loss
 from models import build_model, load_weights_strict
+from models.inference import category_names
 from util.checkpoint import (
     EpochProgress,
     TrainState,
@@ -319,7 +320,9 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
                                  model_ema=None if ema is None else ema.state_dict(), **state)
 
     steps_done = state.start_epoch * loader_train.batch_sampler.batches_per_epoch() + state.progress.step
-    tensorboard = build_tensorboard(args, output_dir, steps_done=steps_done)  # None without --tensorboard, off rank 0
+    drawn_names = category_names(args.num_classes, dataset_val.coco.dataset) if args.tensorboard_images else None
+    tensorboard = build_tensorboard(args, output_dir, steps_done=steps_done,  # None without --tensorboard, off rank 0
+                                    category_names=drawn_names)
     if tensorboard is not None:
         stack.callback(tensorboard.close)
 

@@ -192,3 +192,18 @@ def test_overwrite_moves_the_old_tensorboard_folder_aside(tmp_path):
     assert not (tmp_path / "tb").exists()
     (moved,) = tmp_path.glob("overwritten-*/tb/events.out.tfevents.1")
     assert moved.read_bytes() == b"old"
+
+
+def test_drawn_detections_are_labelled_with_the_dataset_category_names(coco_root, tmp_path, monkeypatch):
+    """Catches the runner not handing the val set's category names to TensorBoard (labels would be bare ids)."""
+    seen = []
+
+    def fake_detection_images(model, postprocessor, dataset, count, device, names):
+        seen.append(dict(names))
+        return {}
+
+    monkeypatch.setattr(tb, "detection_images", fake_detection_images)
+    runner.run(tiny_args(coco_root, *ENGINE_SPARSE_DETR, "--epochs", "1", "--output_dir", str(tmp_path),
+                         "--tensorboard", "--tensorboard_images", "1"))
+    categories = json.loads((coco_root / "annotations" / "instances_val2017.json").read_text())["categories"]
+    assert seen == [{c["id"]: c["name"] for c in categories}] and seen[0]

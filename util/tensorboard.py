@@ -87,11 +87,13 @@ def detection_images(model: nn.Module, postprocessor: nn.Module, dataset, count:
 
 class TensorBoardLog:
     """Writes the run's scalars and detection images with ``writer`` (a ``SummaryWriter``); see the module
-    docstring. ``num_images`` val images get their detections drawn at each evaluation."""
+    docstring. ``num_images`` val images get their detections drawn at each evaluation, labelled with
+    ``category_names`` (by category id; an id without a name is shown as it is)."""
 
-    def __init__(self, writer, *, num_images: int = 0):
+    def __init__(self, writer, *, num_images: int = 0, category_names: Optional[Mapping[int, str]] = None):
         self.writer = writer
         self.num_images = num_images
+        self.category_names = dict(category_names or {})
 
     def step(self, global_step: int, report: TrainReport) -> None:
         """The numbers of a training progress line, at ``global_step`` (steps done since epoch 0)."""
@@ -106,8 +108,8 @@ class TensorBoardLog:
         for tag, value in epoch_scalars(record).items():
             self.writer.add_scalar(tag, value, epoch)
         if self.num_images and any(key.startswith("test_") for key in record):
-            names = {int(c["id"]): str(c["name"]) for c in dataset_val.coco.dataset.get("categories", [])}
-            images = detection_images(model, postprocessor, dataset_val, self.num_images, device, names)
+            images = detection_images(model, postprocessor, dataset_val, self.num_images, device,
+                                      self.category_names)
             for image_id, pixels in images.items():
                 self.writer.add_image(f"val_images/{image_id}", pixels, epoch, dataformats="CHW")
         self.writer.flush()
@@ -116,14 +118,15 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def build_tensorboard(args: argparse.Namespace, output_dir: Optional[Path], *,
-                      steps_done: int = 0) -> Optional[TensorBoardLog]:
+def build_tensorboard(args: argparse.Namespace, output_dir: Optional[Path], *, steps_done: int = 0,
+                      category_names: Optional[Mapping[int, str]] = None) -> Optional[TensorBoardLog]:
     """The run's :class:`TensorBoardLog` in ``output_dir``/tb with ``--tensorboard`` on rank 0, else None.
     InputError on every process, naming the fix, when the tensorboard package is missing.
 
     ``steps_done``: the training steps behind the run (since epoch 0; a resumed run's). TensorBoard drops the
     step scalars that an earlier process wrote past them (after the checkpoint this run resumes, before it was
-    killed), so that a resumed run's curves have no second copy of those steps."""
+    killed), so that a resumed run's curves have no second copy of those steps. ``category_names``: the labels
+    of the drawn detections (see :class:`TensorBoardLog`)."""
     if not args.tensorboard or output_dir is None:
         return None
     if importlib.util.find_spec("tensorboard") is None:
@@ -134,4 +137,5 @@ def build_tensorboard(args: argparse.Namespace, output_dir: Optional[Path], *,
     log_dir = output_dir / "tb"
     logger.info("TensorBoard: writing to %s (tensorboard --logdir %s)", log_dir, log_dir)
     # Progress lines come after a step: the first this run writes is at steps_done + 1 or later.
-    return TensorBoardLog(SummaryWriter(str(log_dir), purge_step=steps_done + 1), num_images=args.tensorboard_images)
+    return TensorBoardLog(SummaryWriter(str(log_dir), purge_step=steps_done + 1), num_images=args.tensorboard_images,
+                          category_names=category_names)
