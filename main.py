@@ -34,6 +34,8 @@ SDETR_STAGE_DEFAULTS = {
     "sdetr_stage2_dec_layers": 3, "sdetr_stage2_dec_heads": 8,
 }
 
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
 DEFORMABLE_ONLY_FLAGS = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
 
 
@@ -85,8 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("backbone")
     g.add_argument("--backbone", default="resnet50", type=backbone_name,
-                   choices=("resnet18", "resnet34", "resnet50", "resnet101", "swin_tiny"),
-                   help="torchvision ResNet with frozen BatchNorm, or Swin-T (swin-t, the reference's spelling, "
+                   choices=(*RESNET_NAMES, "swin_tiny"),
+                   help="torchvision ResNet (BatchNorm: see --backbone_norm), or Swin-T (swin-t, the reference's spelling, "
                         "also works; needs --backbone_weights or --backbone_from_scratch: no downloadable weights)")
     g.add_argument("--dilation", action="store_true",
                    help="replace the stride of the last stage by dilation (DC5)")
@@ -98,6 +100,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="feature levels of the deformable family (C3-C5 plus extra stride-2 levels)")
     g.add_argument("--backbone_from_scratch", action="store_true",
                    help="random backbone initialisation (no ImageNet weights); trains every layer")
+    g.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                   help="ResNet normalisation: frozen (BatchNorm with fixed statistics and scale, the reference's; "
+                        "what ImageNet weights need) or batch (BatchNorm2d that trains: batch statistics in "
+                        "training, running ones in evaluation; for a ResNet trained from scratch, whose frozen "
+                        "norms would be identities)")
     g.add_argument("--finetune_early_layers", action="store_true",
                    help="also train the stem and layer1 (Swin: patch embedding and stage 1), frozen by default")
     g.add_argument("--scrl_pretrained_path", default="", type=str,
@@ -317,6 +324,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append("--backbone_weights and --scrl_pretrained_path both initialise the backbone: keep one")
     if args.scrl_pretrained_path and args.backbone != "resnet50":
         errors.append("--scrl_pretrained_path holds ResNet-50 weights: use --backbone resnet50")
+    if args.backbone_norm == "batch" and args.backbone not in RESNET_NAMES:
+        errors.append(f"--backbone_norm batch applies to ResNets; --backbone {args.backbone} has its own LayerNorms: "
+                      f"drop --backbone_norm")
+    if args.backbone_norm == "batch" and args.grad_checkpoint:
+        errors.append("--backbone_norm batch with --grad_checkpoint: recomputing a backbone stage in backward would "
+                      "update the BatchNorm running statistics twice per step; drop one of the two")
     if args.dilation and args.backbone not in ("resnet50", "resnet101"):
         errors.append(f"--dilation needs a bottleneck ResNet (resnet50/101), not --backbone {args.backbone}")
     if args.eval and not args.resume:

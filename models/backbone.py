@@ -1,4 +1,4 @@
-"""Backbones: a torchvision ResNet with frozen BatchNorm or a Swin Transformer (``models/swin.py``), joined
+"""Backbones: a torchvision ResNet (frozen or trainable BatchNorm) or a Swin Transformer (``models/swin.py``), joined
 with a position encoding."""
 from __future__ import annotations
 
@@ -99,18 +99,27 @@ def conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
                     conv.groups)
 
 
-def residual_block(block: nn.Module, x: Tensor) -> Tensor:
-    """A torchvision ``BasicBlock`` or ``Bottleneck`` with every conv + frozen BatchNorm pair as one convolution.
+def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:
+    """``norm(conv(x))``: one folded convolution for a frozen BatchNorm (:func:`conv_frozen_bn`), the two
+    modules in turn for a trainable ``BatchNorm2d`` (``--backbone_norm batch``)."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return conv_frozen_bn(x, conv, norm)
+    return norm(conv(x))
 
-    In-place ReLUs and sum, as torchvision's own forward: no convolution needs its output for backward.
+
+def residual_block(block: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision ``BasicBlock`` or ``Bottleneck``, every conv + frozen BatchNorm pair as one convolution.
+
+    In-place ReLUs and sum, as torchvision's own forward: no convolution or BatchNorm needs its output for
+    backward.
     """
     num_convs = 3 if isinstance(block, Bottleneck) else 2
     out = x
     for i in range(1, num_convs + 1):
-        out = conv_frozen_bn(out, getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+        out = conv_norm(out, getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
         if i < num_convs:
             out = out.relu_()
-    identity = x if block.downsample is None else conv_frozen_bn(x, block.downsample[0], block.downsample[1])
+    identity = x if block.downsample is None else conv_norm(x, block.downsample[0], block.downsample[1])
     return out.add_(identity).relu_()
 
 
@@ -133,21 +142,26 @@ class ResNetBackbone(nn.Module):
     channels-last too; the detectors' input projections take either layout, and flattening such a
     map to tokens (``flatten(2).transpose(1, 2)``) is a free view. ``grad_checkpoint``: activation
     checkpointing of each stage that trains, in training (``models/activation_checkpoint.py``).
+    ``batch_norm``: trainable ``BatchNorm2d`` layers instead of frozen ones (``--backbone_norm batch``, for
+    training from scratch: a frozen norm at its initial statistics is the identity), each process
+    normalising with its own batch's statistics in training.
     """
 
     def __init__(self, *, name: str = "resnet50", train_backbone: bool = True,
                  return_layers: Sequence[int] = (2, 3, 4), dilation: bool = False, freeze_early_layers: bool = True,
                  state_dict: Optional[dict[str, Tensor]] = None, channels_last: bool = True,
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, batch_norm: bool = False):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/101), not {name}")
         resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                                   norm_layer=FrozenBatchNorm2d)
+                                                   norm_layer=nn.BatchNorm2d if batch_norm else FrozenBatchNorm2d)
         if state_dict is not None:
-            own = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}  # the classifier goes unused
+            # The classifier goes unused; BatchNorm's step counter is not a weight.
+            own = {k: v for k, v in resnet.state_dict().items()
+                   if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
             check_weights_fit(own, state_dict, what=f"the backbone weights do not fit {name}",
                               fix=f"Pass the ImageNet weights of {name} (torchvision's layout) or choose the matching "
                                   f"--backbone.")
@@ -175,7 +189,7 @@ class ResNetBackbone(nn.Module):
         body = self.body
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = body.maxpool(conv_frozen_bn(x, body.conv1, body.bn1).relu_())
+        x = body.maxpool(conv_norm(x, body.conv1, body.bn1).relu_())
         checkpointed = checkpointing(self, self.grad_checkpoint)
         maps = []
         for name, stage in body.named_children():
@@ -254,5 +268,5 @@ def build_backbone(args, *, load_weights: bool = True) -> Joiner:
     if swin:
         backbone = SwinBackbone(**options, source=f"--backbone_weights {args.backbone_weights}")
     else:
-        backbone = ResNetBackbone(**options, dilation=args.dilation)
+        backbone = ResNetBackbone(**options, dilation=args.dilation, batch_norm=args.backbone_norm == "batch")
     return Joiner(backbone=backbone, position_encoding=build_position_encoding(args))

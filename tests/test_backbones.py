@@ -251,3 +251,38 @@ def test_scrl_checkpoint_initialises_the_resnet50(tmp_path):
     torch.save({"model": {}}, not_scrl)
     with pytest.raises(InputError, match="not an SCRL checkpoint"):
         build_backbone(parse_args(["--backbone", "resnet50", "--scrl_pretrained_path", str(not_scrl), *TINY]))
+
+
+def test_trainable_batch_norm_equals_torchvision_and_updates_its_statistics():
+    """--backbone_norm batch: torchvision's BatchNorm2d forward and gradients (batch statistics in training,
+    running ones in evaluation), and the running statistics move in training."""
+    args = parse_args(["--backbone", "resnet18", "--backbone_from_scratch", "--backbone_norm", "batch", *TINY])
+    torch.manual_seed(0)
+    backbone = build_backbone(args)[0].double()
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    plain = ResNetBackbone(name="resnet18", return_layers=[int(n[-1]) for n in backbone.body.return_layers],
+                           channels_last=False, batch_norm=True, freeze_early_layers=False).double()
+    plain.load_state_dict(backbone.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.double)
+    for mode in ("train", "eval"):
+        backbone.train(mode == "train"), plain.train(mode == "train")
+        before = norms[0].running_mean.clone()
+        ours, theirs = backbone.feature_maps(x), list(plain.body(x).values())
+        torch.testing.assert_close(ours, theirs)
+        assert (not torch.equal(before, norms[0].running_mean)) == (mode == "train")
+    backbone.zero_grad(), plain.zero_grad()
+    backbone.train(), plain.train()
+    (sum(f.sum() for f in backbone.feature_maps(x)) + sum(f.sum() for f in plain.body(x).values())).backward()
+    grads = {name: p.grad for name, p in plain.named_parameters() if p.grad is not None}
+    assert "body.bn1.weight" in grads  # the norms train, the stem's included
+    torch.testing.assert_close({name: p.grad for name, p in backbone.named_parameters()}, grads)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--backbone", "swin_tiny"], "--backbone_norm batch applies to ResNets"),
+    (["--backbone", "resnet18", "--grad_checkpoint"], "update the BatchNorm running statistics twice"),
+])
+def test_batch_norm_flag_combinations_fail_at_start_up(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_args([*flags, "--backbone_from_scratch", "--backbone_norm", "batch", *TINY])
