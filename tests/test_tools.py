@@ -69,3 +69,32 @@ def test_demo_report_writes_curves_and_predictions(tmp_path):
     for name in ("curves.png", "predictions.png"):
         with PIL.Image.open(run / name) as png:
             assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_demo_report_with_ema_weights_draws_and_reports_the_average(tmp_path, capsys):
+    import json
+
+    from tools.demo_report import main as report
+    from tools.make_synthetic_coco import make_synthetic_coco
+
+    make_synthetic_coco(tmp_path / "data", num_train=1, num_val=2, seed=0, size=64)
+    run = tmp_path / "run"
+    run.mkdir()
+    args = parse_args([*TINY, *SPARSE, "--rho", "0.2", "--num_classes", "4", "--val_size", "64", "--max_size", "64"])
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    # raw weights that cannot run (NaN): only the average gives detections
+    raw = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": raw, "model_ema": model.state_dict(), "args": args}, run / "checkpoint.pth")
+    raw_stats, ema_stats = [0.1] * 12, [0.5 + 0.01 * i for i in range(12)]
+    (run / "log.txt").write_text(json.dumps({"epoch": 0, "train_loss": 3.0, "test_loss": 2.5,
+                                             "test_coco_eval_bbox": raw_stats,
+                                             "test_ema_coco_eval_bbox": ema_stats}) + "\n")
+
+    result = report([str(run), "--coco_path", str(tmp_path / "data"), "--num_images", "2", "--threshold", "0",
+                     "--weights", "ema"])
+    assert result["AP"] == 0.5 and result["AP50"] == 0.51
+    assert "moving average" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no test_ema_"):  # a run without the average says so
+        (run / "log.txt").write_text(json.dumps({"epoch": 0, "test_loss": 1.0, "test_coco_eval_bbox": raw_stats}) + "\n")
+        report([str(run), "--coco_path", str(tmp_path / "data"), "--num_images", "2", "--weights", "ema"])

@@ -9,7 +9,9 @@ flags they were trained with) and writes
 * ``RUN_DIR/predictions.png``: the first ``--num_images`` images of ``COCO_PATH/val2017`` with the ground truth
   (white, dashed) and the detections scoring at least ``--threshold`` (coloured, with class and score);
 
-then prints the last evaluation's AP and AP50. ``make demo`` runs it after configs/demo_synthetic.sh.
+then prints the last evaluation's AP and AP50. ``--weights ema`` (runs trained with ``--ema_decay``) draws and
+reports the moving average of the weights instead, and plots both curves. ``make demo`` runs it after
+configs/demo_synthetic.sh.
 """
 from __future__ import annotations
 
@@ -37,15 +39,16 @@ from util.console import COCO_STAT_NAMES  # noqa: E402
 from util.draw import PALETTE  # noqa: E402
 
 
-def last_evaluation(run_dir: Path) -> Optional[dict[str, Any]]:
-    """The last epoch record of ``run_dir/log.txt`` that holds COCO stats, or None."""
-    evaluated = [r for r in read_log(run_dir) if r.get("test_coco_eval_bbox")]
+def last_evaluation(run_dir: Path, key: str = "test_coco_eval_bbox") -> Optional[dict[str, Any]]:
+    """The last epoch record of ``run_dir/log.txt`` that holds COCO stats under ``key``, or None."""
+    evaluated = [r for r in read_log(run_dir) if r.get(key)]
     return evaluated[-1] if evaluated else None
 
 
 def plot_predictions(checkpoint: Path, coco_path: Path, out: Path, num_images: int = 8, threshold: float = 0.5,
-                     columns: int = 4) -> Path:
-    """Draw ground truth and detections of the first ``num_images`` val images in one PNG."""
+                     columns: int = 4, weights: str = "raw") -> Path:
+    """Draw ground truth and detections of the first ``num_images`` val images in one PNG, with the
+    checkpoint's ``weights`` (raw or ema)."""
     annotations = json.loads((coco_path / "annotations" / "instances_val2017.json").read_text())
     names = {c["id"]: c["name"] for c in annotations["categories"]}
     images = sorted(annotations["images"], key=lambda i: i["id"])[:num_images]
@@ -55,7 +58,7 @@ def plot_predictions(checkpoint: Path, coco_path: Path, out: Path, num_images: i
     for ann in annotations["annotations"]:
         boxes_of.setdefault(ann["image_id"], []).append(ann)
 
-    model, postprocessor, args = load_model(checkpoint, [], "cpu")
+    model, postprocessor, args = load_model(checkpoint, [], "cpu", weights=weights)
     detector = Detector(model=model, postprocessor=postprocessor, device="cpu", val_size=args.val_size,
                         max_size=args.max_size, batch_size=len(images))
     pictures = []
@@ -88,7 +91,8 @@ def plot_predictions(checkpoint: Path, coco_path: Path, out: Path, num_images: i
                     bbox=dict(facecolor=color, edgecolor="none", pad=0.8, alpha=0.9))
         ax.set_title(f"{len(truth)} object{'s' * (len(truth) != 1)}, {len(kept)} detection{'s' * (len(kept) != 1)}",
                      fontsize=8)
-    fig.suptitle(f"{checkpoint.parent.name}/{checkpoint.name}: detections scoring >= {threshold:g} (coloured), "
+    averaged = " (moving average of the weights)" if weights == "ema" else ""
+    fig.suptitle(f"{checkpoint.parent.name}/{checkpoint.name}{averaged}: detections scoring >= {threshold:g} (coloured), "
                  f"ground truth (white, dashed)", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,20 +116,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     parser.add_argument("--threshold", type=float, default=0.4, help="lowest detection score drawn")
     parser.add_argument("--keys", nargs="*", default=["loss_ce", "loss_giou", "loss_mask_prediction"],
                         metavar="KEY", help="more train_/test_ values to plot (see tools/plot_logs.py)")
+    parser.add_argument("--weights", default="raw", choices=("raw", "ema"),
+                        help="draw and report the trained weights (raw) or their moving average (ema: runs trained "
+                             "with --ema_decay; the curves then show both)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    curves = plot_logs([run_dir], args.curves or run_dir / "curves.png", args.keys)
+    curves = plot_logs([run_dir], args.curves or run_dir / "curves.png", args.keys,
+                       weights="both" if args.weights == "ema" else "raw")
     predictions = plot_predictions(Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoint.pth",
                                    Path(args.coco_path), Path(args.predictions or run_dir / "predictions.png"),
-                                   args.num_images, args.threshold)
+                                   args.num_images, args.threshold, weights=args.weights)
     print(f"wrote {curves} and {predictions}")
-    record = last_evaluation(run_dir)
+    key = "test_ema_coco_eval_bbox" if args.weights == "ema" else "test_coco_eval_bbox"
+    record = last_evaluation(run_dir, key)
     if record is None:
-        print("no evaluation in the log")
+        print(f"no evaluation in the log ({key})")
         return {}
-    stats = dict(zip(COCO_STAT_NAMES, record["test_coco_eval_bbox"]))
+    stats = dict(zip(COCO_STAT_NAMES, record[key]))
+    of = "the moving average of the weights" if args.weights == "ema" else "the weights"
     print(f"epoch {record['epoch']}: AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f}, AP75 {stats['AP75']:.3f} "
-          f"(COCO box AP on {run_dir}'s val set)")
+          f"(COCO box AP of {of} on {run_dir}'s val set)")
     return stats
 
 
