@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sparse DETR (rho 0.3) small enough to train from scratch on a 2-core CPU in about 8 minutes: `make demo`
+# Sparse DETR (rho 0.3) small enough to train from scratch on a 2-core CPU in about 9.5 minutes: `make demo`
 # (tools/make_synthetic_coco.py data, 800 train images: 128-pixel squares, circles and triangles, ids 1-3;
 # 11 epochs x 100 steps of 8 images, the learning rate / 10 for the last 3). ResNet-18 from scratch (no ImageNet
 # weights) with trainable BatchNorm, at the transformer's learning rate; 128-pixel images throughout. Data is
