@@ -88,8 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("backbone")
     g.add_argument("--backbone", default="resnet50", type=backbone_name,
                    choices=(*RESNET_NAMES, "swin_tiny"),
-                   help="torchvision ResNet (BatchNorm: see --backbone_norm), or Swin-T (swin-t, the reference's spelling, "
-                        "also works; needs --backbone_weights or --backbone_from_scratch: no downloadable weights)")
+                   help="torchvision ResNet (BatchNorm: see --backbone_norm), or Swin-T (swin-t, the reference's "
+                        "spelling, also works; needs --backbone_weights or --backbone_from_scratch: no downloadable "
+                        "weights)")
     g.add_argument("--dilation", action="store_true",
                    help="replace the stride of the last stage by dilation (DC5)")
     g.add_argument("--position_embedding", default="sine", choices=("sine", "learned"),

@@ -28,8 +28,8 @@ def build_model(args, *, load_backbone_weights: bool = True) -> tuple[nn.Module,
 # Flags that change the model's tensors; compared with a checkpoint's args when its weights do not fit.
 ARCHITECTURE_FLAGS = (
     "model", "backbone", "backbone_norm", "dilation", "num_feature_levels", "hidden_dim", "dim_feedforward", "nheads",
-    "enc_layers", "dec_layers", "num_queries", "enc_n_points", "dec_n_points", "num_classes", "with_box_refine", "two_stage",
-    "eff_query_init", "eff_specific_head", "rho", "use_enc_aux_loss", "position_embedding", "pre_norm",
+    "enc_layers", "dec_layers", "num_queries", "enc_n_points", "dec_n_points", "num_classes", "with_box_refine",
+    "two_stage", "eff_query_init", "eff_specific_head", "rho", "use_enc_aux_loss", "position_embedding", "pre_norm",
 )
 # (key pattern, likely cause) for weights that are missing, unexpected or of another shape.
 KEY_HINTS = (

@@ -1,5 +1,5 @@
-"""Backbones: a torchvision ResNet (frozen or trainable BatchNorm) or a Swin Transformer (``models/swin.py``), joined
-with a position encoding."""
+"""Backbones: a torchvision ResNet (frozen or trainable BatchNorm) or a Swin Transformer (``models/swin.py``),
+joined with a position encoding."""
 from __future__ import annotations
 
 import logging

@@ -92,8 +92,8 @@ def plot_predictions(checkpoint: Path, coco_path: Path, out: Path, num_images: i
         ax.set_title(f"{len(truth)} object{'s' * (len(truth) != 1)}, {len(kept)} detection{'s' * (len(kept) != 1)}",
                      fontsize=8)
     averaged = " (moving average of the weights)" if weights == "ema" else ""
-    fig.suptitle(f"{checkpoint.parent.name}/{checkpoint.name}{averaged}: detections scoring >= {threshold:g} (coloured), "
-                 f"ground truth (white, dashed)", fontsize=8)
+    fig.suptitle(f"{checkpoint.parent.name}/{checkpoint.name}{averaged}: detections scoring >= {threshold:g} "
+                 f"(coloured), ground truth (white, dashed)", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
