@@ -46,18 +46,26 @@ def test_visualize_sparsity_with_a_bad_image_or_out_gives_one_line(tmp_path):
                    "--out", str(tmp_path / "out.bmpx")])
 
 
-def test_demo_report_writes_curves_and_predictions(tmp_path):
-    import json
-
-    from tools.demo_report import main as report
+def tiny_demo_run(tmp_path, num_val: int):
+    """Synthetic data with ``num_val`` val images in ``tmp_path/data``, an empty ``tmp_path/run``, and a tiny
+    random Sparse DETR for them: ``(run folder, model, its args)``."""
     from tools.make_synthetic_coco import make_synthetic_coco
 
-    make_synthetic_coco(tmp_path / "data", num_train=1, num_val=3, seed=0, size=64)
+    make_synthetic_coco(tmp_path / "data", num_train=1, num_val=num_val, seed=0, size=64)
     run = tmp_path / "run"
     run.mkdir()
     args = parse_args([*TINY, *SPARSE, "--rho", "0.2", "--num_classes", "4", "--val_size", "64", "--max_size", "64"])
     torch.manual_seed(0)
     model, _, _ = build_model(args)
+    return run, model, args
+
+
+def test_demo_report_writes_curves_and_predictions(tmp_path):
+    import json
+
+    from tools.demo_report import main as report
+
+    run, model, args = tiny_demo_run(tmp_path, num_val=3)
     torch.save({"model": model.state_dict(), "args": args}, run / "checkpoint.pth")
     stats = [0.1 * (i + 1) for i in range(12)]
     records = [{"epoch": 0, "train_loss": 3.0, "test_loss": 2.5, "test_coco_eval_bbox": [0.0] * 12},
@@ -75,14 +83,8 @@ def test_demo_report_with_ema_weights_draws_and_reports_the_average(tmp_path, ca
     import json
 
     from tools.demo_report import main as report
-    from tools.make_synthetic_coco import make_synthetic_coco
 
-    make_synthetic_coco(tmp_path / "data", num_train=1, num_val=2, seed=0, size=64)
-    run = tmp_path / "run"
-    run.mkdir()
-    args = parse_args([*TINY, *SPARSE, "--rho", "0.2", "--num_classes", "4", "--val_size", "64", "--max_size", "64"])
-    torch.manual_seed(0)
-    model, _, _ = build_model(args)
+    run, model, args = tiny_demo_run(tmp_path, num_val=2)
     # raw weights that cannot run (NaN): only the average gives detections
     raw = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save({"model": raw, "model_ema": model.state_dict(), "args": args}, run / "checkpoint.pth")
