@@ -3,8 +3,8 @@
 # (tools/make_synthetic_coco.py data, 800 train images: 128-pixel squares, circles and triangles, ids 1-3;
 # 11 epochs x 100 steps of 8 images, the learning rate / 10 for the last 3). ResNet-18 from scratch (no ImageNet
 # weights) with trainable BatchNorm, at the transformer's learning rate; 128-pixel images throughout. Data is
-# loaded in the training process: on 2 cores a loader process slows each step by a fifth. The learning rate
-# is the best of 4e-4, 8e-4, 1.2e-3 and 2e-3 in 10-epoch runs (README, "Demo").
+# loaded in the training process: on 2 cores a loader process competes with the training threads. The learning
+# rate is the best of 4e-4, 8e-4, 1.2e-3 and 2e-3 in 10-epoch runs (README, "Demo").
 set -euo pipefail
 exec "${PYTHON:-python}" -u "$(dirname "$0")/../main.py" \
     --output_dir exps/demo_synthetic \
