@@ -3,6 +3,9 @@
     python main.py --coco_path data/coco --output_dir exps/run        # train
     python main.py --coco_path data/coco --eval --resume ckpt.pth      # evaluate
 
+A checkpoint of this codebase describes its model (``model_description``): with ``--resume`` / ``--eval`` the
+model flags left out take its values, and with ``--finetune`` the architecture flags do (model_config.py).
+
 Exit status: 0 done; 1 an ``error: ...`` line (bad input, or too many non-finite steps in a row);
 128 + the signal number (143 SIGTERM, 130 SIGINT) when a stop signal ended training after it saved
 <output_dir>/checkpoint.pth: the same command with ``--resume auto`` continues it.
@@ -12,6 +15,19 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
+
+from model_config import (
+    FLAG_FIELDS,
+    PREPROCESSING_FIELDS,
+    adopt_stored_flags,
+    backbone_name,
+    config_script_flags,
+    explicit_flags,
+    read_stored_flags,
+)
+from models.description import BACKBONES
+
 
 # Defaults that depend on --model; flags left at None take them. Values are the references'.
 MODEL_DEFAULTS = {
@@ -34,18 +50,9 @@ SDETR_STAGE_DEFAULTS = {
     "sdetr_stage2_dec_layers": 3, "sdetr_stage2_dec_heads": 8,
 }
 
-RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+RESNET_NAMES = tuple(name for name in BACKBONES if name.startswith("resnet"))
 
 DEFORMABLE_ONLY_FLAGS = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
-
-
-# The references' spellings of flag values that users copy from their READMEs and configs, and ours.
-REFERENCE_SPELLINGS = {"backbone": {"swin-t": "swin_tiny"}}
-
-
-def backbone_name(value: str) -> str:
-    """``--backbone`` value: ours, or the reference's spelling of it (Sparse DETR's configs say ``swin-t``)."""
-    return REFERENCE_SPELLINGS["backbone"].get(value, value)
 
 
 def _model_default(name: str) -> str:
@@ -87,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("backbone")
     g.add_argument("--backbone", default="resnet50", type=backbone_name,
-                   choices=(*RESNET_NAMES, "swin_tiny"),
+                   choices=BACKBONES,
                    help="torchvision ResNet (BatchNorm: see --backbone_norm), or Swin-T (swin-t, the reference's "
                         "spelling, also works; needs --backbone_weights or --backbone_from_scratch: no downloadable "
                         "weights)")
@@ -227,7 +234,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="", help="where checkpoints and logs go; empty saves nothing")
     g.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     g.add_argument("--seed", default=42, type=int, help="random seed (plus the process rank)")
-    g.add_argument("--resume", default="", help="checkpoint to resume from (or evaluate with --eval)")
+    g.add_argument("--resume", default="",
+                   help="checkpoint to resume from (or evaluate with --eval); its stored model description gives the "
+                        "model flags left out")
+    g.add_argument("--config", default="", metavar="SCRIPT",
+                   help="take the model flags of a configs/*.sh script (e.g. to evaluate an official checkpoint, which "
+                        "stores no description); flags given on the command line win")
     g.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
                    help="besides checkpoint.pth, keep checkpoint<epoch>.pth every N epochs and before each lr drop; "
                         f"default {_model_default('checkpoint_every')} (the references')")
@@ -373,12 +385,60 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                       "--device cpu")
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    from models.description import ModelDescription
+    from util.errors import InputError
+    try:  # the bounds on sizes and counts, before anything is allocated
+        ModelDescription.from_flags(vars(args))
+    except InputError as err:
+        raise SystemExit(f"Invalid arguments:\n  {err}") from None
     return args
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default; a default of None means "per --model", which the flag's help spells out."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("Sparse DETR and family", parents=[get_args_parser()])
-    return validate_args(parser.parse_args(argv))
+    """Parse and validate main.py's flags; a checkpoint to resume, evaluate or fine-tune supplies the model
+    flags left out (see :func:`adopt_checkpoint_flags`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="main.py", parents=[get_args_parser()], formatter_class=HelpFormatter,
+                                     description=__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    if args.config:
+        from util.errors import InputError
+        try:
+            argv = [*config_script_flags(args.config), *argv]
+        except InputError as err:
+            raise SystemExit(f"error: --config: {err}") from None
+        args = parser.parse_args(argv)
+    adopt_checkpoint_flags(args, explicit_flags(parser, argv))
+    return validate_args(args)
+
+
+def adopt_checkpoint_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """With ``--resume`` (or ``--eval``), the model flags not in ``given`` take the checkpoint's stored values and
+    a given one that cannot load its weights is refused; with ``--finetune``, the architecture flags (not the
+    sizes) do, and every override is allowed (only the tensors that fit are loaded). Nothing happens for a
+    checkpoint that stores no model, or a path that does not exist yet (``--resume auto`` of a fresh run)."""
+    from util.errors import InputError
+    if args.resume:
+        path = Path(args.output_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
+        fields, strict = FLAG_FIELDS, True
+    else:
+        path = Path(args.finetune) if args.finetune else None
+        fields, strict = tuple(f for f in FLAG_FIELDS if f not in PREPROCESSING_FIELDS), False
+    if path is None or not path.is_file():
+        return
+    try:
+        stored = read_stored_flags(path, trust=args.trust_checkpoint)
+        if stored is not None:
+            adopt_stored_flags(args, stored, given, source=path, strict=strict, fields=fields)
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main(args: argparse.Namespace) -> None:

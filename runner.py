@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import logging
 import math
 import time
@@ -41,8 +42,9 @@ from epochs import (
     stop_error,
 )
 from engine import EvaluationStopped, evaluate, to_device, train_one_epoch, weighted_loss
+from datasets.coco_names import category_names
 from models import build_model, load_weights_strict
-from models.inference import category_names
+from models.description import ModelDescription
 from util.checkpoint import (
     EpochProgress,
     TrainState,
@@ -241,13 +243,23 @@ def claim_output_dir_on_rank0(output_dir: Path, *, resuming: bool, overwrite: bo
     return lock
 
 
+def dataset_categories(dataset) -> list[tuple[int, str]]:
+    """``(id, name)`` of the dataset's categories, from its COCO annotation file."""
+    return [(int(c["id"]), str(c.get("name", c["id"]))) for c in dataset.coco.dataset.get("categories", [])]
+
+
+def write_run_config(path: Path, description: ModelDescription, args: argparse.Namespace) -> None:
+    """``config.json``: the model description and every flag of the run (JSON values; others as strings)."""
+    config = {"model_description": description.to_dict(), "flags": vars(args)}
+    path.write_text(json.dumps(config, indent=1, default=str) + "\n")
+
+
 def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack) -> dict[str, Any]:
     """``run`` in the process group ``ctx``; ``stack`` releases what it holds (the output folder's lock)."""
     device = resolve_device(args.device, ctx)
     if device.type == "cpu" and keep_freed_memory():
         logger.info("CPU run: freed memory is kept for reuse (faster; the process keeps its peak size)")
     seed_everything(args.seed + ctx.rank)
-    logger.info("arguments: %s", vars(args))
     output_dir = Path(args.output_dir) if args.output_dir and not args.eval else None
     resume_path = resolve_resume(args.resume, args.output_dir, eval_only=args.eval)
     if output_dir is not None:
@@ -266,6 +278,11 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     dataset_val = build_dataset("val", args, cache_share)
     base_ds = get_coco_api_from_dataset(dataset_val)
     loader_val = build_data_loader(dataset_val, args, ctx, train=False, device=device)
+    description = ModelDescription.from_flags(vars(args), categories=dataset_categories(dataset_val))
+    if output_dir is not None and is_main_process():
+        write_run_config(output_dir / "config.json", description, args)
+    logger.info("model: %s%s", description.summary(),
+                f"; its description and every flag: {output_dir / 'config.json'}" if output_dir is not None else "")
 
     if args.eval:
         checkpoint = load_checkpoint(resume_path, trust=args.trust_checkpoint)
@@ -317,7 +334,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
             return None
         return write_checkpoints(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, output_dir,
                                  run_args=args, lr_drop=args.lr_drop, keep_every=args.checkpoint_every,
-                                 model_ema=None if ema is None else ema.state_dict(), **state)
+                                 model_ema=None if ema is None else ema.state_dict(),
+                                 model_description=description.to_dict(), **state)
 
     steps_done = state.start_epoch * loader_train.batch_sampler.batches_per_epoch() + state.progress.step
     drawn_names = category_names(args.num_classes, dataset_val.coco.dataset) if args.tensorboard_images else None

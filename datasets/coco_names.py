@@ -1,4 +1,11 @@
-"""The names of COCO's detection categories, by category id."""
+"""The names of COCO's detection categories, by category id, and the names a model's boxes are labelled with."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+from util.errors import InputError
 
 # The 80 COCO detection categories by their ids (1-90, ten ids unused).
 COCO_CATEGORY_NAMES = {
@@ -15,3 +22,15 @@ COCO_CATEGORY_NAMES = {
     79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
     87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
+
+
+def category_names(num_classes: int, categories: Union[None, str, Path, Mapping[str, Any]] = None) -> dict[int, str]:
+    """Names by category id: from ``categories`` (a COCO-format annotation file or its loaded dict), else COCO's
+    for 91-class models, else none (ids are shown)."""
+    if isinstance(categories, (str, Path)):
+        if not Path(categories).is_file():
+            raise InputError(f"categories file not found: {categories}")
+        categories = json.loads(Path(categories).read_text())
+    if categories is not None:
+        return {int(c["id"]): str(c["name"]) for c in categories.get("categories", [])}
+    return dict(COCO_CATEGORY_NAMES) if num_classes == 91 else {}

@@ -301,6 +301,8 @@ def make_coco_transforms(
     scales: Optional[Sequence[int]] = None,
     max_size: int = 1333,
     val_size: int = 800,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
     """The DETR/Deformable-DETR augmentation pipeline.
 
@@ -308,12 +310,13 @@ def make_coco_transforms(
     resize-to-{400,500,600} + random crop in [384, 600] + multi-scale resize; then
     ToTensor + ImageNet normalisation (boxes become normalised cxcywh).
     val: resize shorter side to ``val_size`` (longer <= ``max_size``) + normalisation.
+    Normalisation: RGB values in [0, 1], minus ``mean``, divided by ``std`` (ImageNet's by default).
 
     With the defaults this is exactly the reference recipe. For small images pass smaller
     ``scales`` (e.g. ``range(96, 161, 16)``): the crop branch sizes are then scaled by
     ``max(scales) / 800``.
     """
-    normalize = Compose([ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    normalize = Compose([ToTensor(), Normalize(mean, std)])
     if image_set == "val":
         return Compose([RandomResize([val_size], max_size=max_size), normalize])
     if image_set != "train":

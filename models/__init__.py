@@ -1,9 +1,12 @@
-"""Model zoo: ``build_model(args) -> (model, criterion, postprocessors)``, and what a checkpoint that does not
-fit the built model says about the flags (``checkpoint_mismatch_causes``, ``load_weights_strict``)."""
+"""Model zoo: ``build_model(args) -> (model, criterion, postprocessors)`` for training,
+``build_inference_model(description) -> (model, postprocessors)`` from a stored :class:`ModelDescription`, and
+what a checkpoint that does not fit the built model says about the flags (``checkpoint_mismatch_causes``,
+``load_weights_strict``)."""
 from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
 from torch import nn
@@ -11,6 +14,7 @@ from torch import nn
 from util.checkpoint import load_model_strict, strip_ddp_prefix
 
 from .criterion import SetCriterion
+from .description import SHAPE_FIELDS, ModelDescription
 from .deformable_detr import build_deformable_detr
 from .detr import build_detr, build_sdetr
 
@@ -25,12 +29,23 @@ def build_model(args, *, load_backbone_weights: bool = True) -> tuple[nn.Module,
     raise ValueError(f"unknown --model {args.model!r}; choose deformable, detr or sdetr")
 
 
-# Flags that change the model's tensors; compared with a checkpoint's args when its weights do not fit.
-ARCHITECTURE_FLAGS = (
-    "model", "backbone", "backbone_norm", "dilation", "num_feature_levels", "hidden_dim", "dim_feedforward", "nheads",
-    "enc_layers", "dec_layers", "num_queries", "enc_n_points", "dec_n_points", "num_classes", "with_box_refine",
-    "two_stage", "eff_query_init", "eff_specific_head", "rho", "use_enc_aux_loss", "position_embedding", "pre_norm",
-)
+# How a model whose every weight comes from a checkpoint is built: no initial weights are read, nothing is
+# frozen for training, no activation checkpointing.
+INFERENCE_BUILD = dict(backbone_from_scratch=True, backbone_weights="", scrl_pretrained_path="", trust_checkpoint=False,
+                       lr_backbone=0.0, finetune_early_layers=False, grad_checkpoint=False)
+
+
+def build_inference_model(description: ModelDescription) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """``(model, postprocessors)`` of ``description``, with random weights for a checkpoint to replace; no
+    criterion (training flags such as the loss weights are not part of a description)."""
+    flags = argparse.Namespace(**asdict(description), **INFERENCE_BUILD)
+    builders = {"deformable": build_deformable_detr, "detr": build_detr, "sdetr": build_sdetr}
+    return builders[description.model](flags, load_backbone_weights=False, with_criterion=False)[::2]
+
+
+# Besides the fields that fix the tensors' shapes, those that change the tensors' meaning; compared with a
+# checkpoint's description when its weights do not fit.
+ARCHITECTURE_FLAGS = (*SHAPE_FIELDS, "dilation", "num_queries", "eff_specific_head", "rho", "pre_norm")
 # (key pattern, likely cause) for weights that are missing, unexpected or of another shape.
 KEY_HINTS = (
     (r"transformer\.decoder\.bbox_embed", "--with_box_refine differs"),
@@ -58,9 +73,10 @@ def checkpoint_num_classes(state_dict: Mapping[str, Any], model: str) -> int | N
 def checkpoint_mismatch_causes(keys: Iterable[str], checkpoint_args: Any, *, current_flags: Mapping[str, Any],
                                state_dict: Mapping[str, Any] | None = None) -> list[str]:
     """Human-readable guesses of why the state-dict ``keys`` of a checkpoint do not fit the model built from
-    ``current_flags`` (``vars(args)``): the architecture flags that differ from the checkpoint's saved args
-    (a Namespace or a dict, None for official checkpoints), else the classifier size read from the checkpoint's
-    ``state_dict`` (official checkpoints hold no args) and the causes the key names suggest."""
+    ``current_flags`` (``vars(args)`` or a description's fields): the architecture flags that differ from the
+    checkpoint's description or saved args (a dict or a Namespace, None for official checkpoints), else the
+    classifier size read from the checkpoint's ``state_dict`` (official checkpoints hold no args) and the causes
+    the key names suggest."""
     causes = []
     if checkpoint_args is not None:
         saved = vars(checkpoint_args) if isinstance(checkpoint_args, argparse.Namespace) else dict(checkpoint_args)
@@ -84,6 +100,7 @@ def load_weights_strict(model: nn.Module, checkpoint: Mapping[str, Any], source:
     :func:`checkpoint_mismatch_causes` against ``current_flags`` (``vars(args)``); ``built_as`` says where the
     model's flags came from (e.g. "--model deformable")."""
     state_dict = strip_ddp_prefix(checkpoint["model"])
+    saved = checkpoint.get("model_description") or checkpoint.get("args")
     load_model_strict(model, checkpoint, source, built_as=built_as,
-                      explain=lambda keys, saved: checkpoint_mismatch_causes(keys, saved, current_flags=current_flags,
-                                                                             state_dict=state_dict))
+                      explain=lambda keys: checkpoint_mismatch_causes(keys, saved, current_flags=current_flags,
+                                                                      state_dict=state_dict))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -146,8 +147,10 @@ class DeformableDETR(nn.Module):
         return out
 
 
-def build_deformable_detr(args, *, load_backbone_weights: bool = True) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
-    """The Deformable DETR family from parsed ``main.py`` arguments."""
+def build_deformable_detr(args, *, load_backbone_weights: bool = True, with_criterion: bool = True
+                          ) -> tuple[DeformableDETR, Optional[SetCriterion], dict[str, nn.Module]]:
+    """The Deformable DETR family from parsed ``main.py`` arguments; no criterion with ``with_criterion=False``
+    (then the loss flags are not read)."""
     backbone = build_backbone(args, load_weights=load_backbone_weights)
     num_encoder_heads = args.enc_layers - 1 if args.use_enc_aux_loss else 0
     class_embed, bbox_embed = deformable_heads(hidden_dim=args.hidden_dim, num_classes=args.num_classes,
@@ -163,6 +166,8 @@ def build_deformable_detr(args, *, load_backbone_weights: bool = True) -> tuple[
         num_feature_levels=args.num_feature_levels,
         aux_loss=args.aux_loss,
     )
+    if not with_criterion:
+        return model, None, {"bbox": PostProcess(focal=True)}
     suffixes = output_group_suffixes(num_decoder_layers=args.dec_layers, aux_loss=args.aux_loss,
                                      two_stage=args.two_stage, num_encoder_aux=num_encoder_heads)
     weight_dict = build_weight_dict(suffixes, cls=args.cls_loss_coef, bbox=args.bbox_loss_coef,

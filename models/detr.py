@@ -5,6 +5,8 @@ regress normalised (cx, cy, w, h) boxes with a 3-layer MLP and a sigmoid.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -121,20 +123,24 @@ def build_detr_criterion(args, *, num_decoder_outputs: int) -> SetCriterion:
                         weight_dict=weight_dict, focal=False, eos_coef=args.eos_coef)
 
 
-def build_detr(args, *, load_backbone_weights: bool = True) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
-    """DETR, its criterion (softmax cross-entropy, no-object weight ``--eos_coef``) and post-processing."""
+def build_detr(args, *, load_backbone_weights: bool = True, with_criterion: bool = True
+               ) -> tuple[DETR, Optional[SetCriterion], dict[str, nn.Module]]:
+    """DETR, its criterion (softmax cross-entropy, no-object weight ``--eos_coef``; None with
+    ``with_criterion=False``) and post-processing."""
     transformer = build_transformer(args)
     model = DETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer=transformer,
                  num_classes=args.num_classes, num_queries=args.num_queries, aux_loss=args.aux_loss)
-    criterion = build_detr_criterion(args, num_decoder_outputs=transformer.decoder.num_layers)
+    criterion = build_detr_criterion(args, num_decoder_outputs=transformer.decoder.num_layers) if with_criterion else None
     return model, criterion, {"bbox": PostProcess(focal=False)}
 
 
-def build_sdetr(args, *, load_backbone_weights: bool = True) -> tuple[SDETR, SetCriterion, dict[str, nn.Module]]:
-    """SDETR, its criterion (as DETR's, over all decoder outputs of both stages) and post-processing."""
+def build_sdetr(args, *, load_backbone_weights: bool = True, with_criterion: bool = True
+                ) -> tuple[SDETR, Optional[SetCriterion], dict[str, nn.Module]]:
+    """SDETR, its criterion (as DETR's, over all decoder outputs of both stages; None with
+    ``with_criterion=False``) and post-processing."""
     transformer1, transformer2 = build_sdetr_transformers(args)
     model = SDETR(backbone=build_backbone(args, load_weights=load_backbone_weights), transformer1=transformer1,
                   transformer2=transformer2, num_classes=args.num_classes, num_queries=args.num_queries,
                   aux_loss=args.aux_loss)
-    criterion = build_detr_criterion(args, num_decoder_outputs=model.num_decoder_outputs)
+    criterion = build_detr_criterion(args, num_decoder_outputs=model.num_decoder_outputs) if with_criterion else None
     return model, criterion, {"bbox": PostProcess(focal=False)}

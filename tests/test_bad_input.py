@@ -106,10 +106,11 @@ def test_checkpoint_with_missing_keys(coco_root, tmp_path):
 def test_checkpoint_of_another_variant_names_the_flags(coco_root, tmp_path):
     path = save_model_checkpoint(tmp_path / "deformable.pth")
     message = run_main(*TINY, *SPARSE, "--coco_path", str(coco_root), "--eval", "--resume", str(path))
-    assert message.startswith(f"error: the weights of {path} do not fit the model built from the current flags")
-    assert ("likely cause: --with_box_refine is False in the checkpoint but True now; --two_stage is False in the "
-            "checkpoint but True now; --rho is 0.0 in the checkpoint but 0.3 now; --use_enc_aux_loss is False in the "
-            "checkpoint but True now.") in message
+    # The checkpoint describes its model: the flags that cannot serve its weights are refused before anything loads.
+    assert message == (f"error: {path} cannot be loaded with --with_box_refine True, --two_stage True, --rho 0.3, "
+                       "--use_enc_aux_loss True: its weights were trained with --with_box_refine False, --two_stage "
+                       "False, --rho 0.0, --use_enc_aux_loss False; drop those flags (the checkpoint supplies them), "
+                       "or use --finetune to load only the tensors that fit")
 
 
 def test_backbone_weights_of_another_network(coco_root, tmp_path):

@@ -1,4 +1,4 @@
-"""models/inference.py: the Detector API on every input kind, class names, config scripts and weight choice."""
+"""inference.py: the Detector API on every input kind, class names, config scripts and weight choice."""
 import json
 
 import PIL.Image
@@ -7,7 +7,8 @@ import torch
 
 from main import parse_args
 from models import build_model
-from models.inference import Detector, config_script_flags
+from inference import Detector
+from model_config import config_script_flags
 from tiny_flags import PREDICT_TINY as TINY
 from util.errors import InputError
 
@@ -68,7 +69,7 @@ def test_class_names_from_categories_coco_or_ids(checkpoint, image):
     categories = {"categories": [{"id": i, "name": f"class{i}"} for i in range(5)]}
     named = Detector.from_checkpoint(checkpoint / "checkpoint.pth", categories=categories)(image)[0]
     assert named["names"] == [f"class{label}" for label in named["labels"].tolist()]
-    from models.inference import category_names
+    from datasets.coco_names import category_names
     assert category_names(91, None)[18] == "dog" and category_names(5, None) == {}
 
 

@@ -63,7 +63,7 @@ def test_predict_writes_json_and_pngs(checkpoint, images, tmp_path):
 
 
 def test_predict_threshold_official_checkpoint_flags_and_category_names(checkpoint, images, tmp_path):
-    from models.inference import category_names
+    from datasets.coco_names import category_names
     from tools.predict import main as predict
 
     folder, single = images

@@ -33,8 +33,8 @@ import PIL.Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.plot_logs import plot_logs, read_log  # noqa: E402
-from models.inference import Detector  # noqa: E402
-from tools.predict import load_model  # noqa: E402
+from inference import Detector  # noqa: E402
+from util.errors import InputError  # noqa: E402
 from util.console import COCO_STAT_NAMES  # noqa: E402
 from util.draw import PALETTE  # noqa: E402
 
@@ -58,9 +58,10 @@ def plot_predictions(checkpoint: Path, coco_path: Path, out: Path, num_images: i
     for ann in annotations["annotations"]:
         boxes_of.setdefault(ann["image_id"], []).append(ann)
 
-    model, postprocessor, args = load_model(checkpoint, [], "cpu", weights=weights)
-    detector = Detector(model=model, postprocessor=postprocessor, device="cpu", val_size=args.val_size,
-                        max_size=args.max_size, batch_size=len(images))
+    try:
+        detector = Detector.from_checkpoint(checkpoint, device="cpu", weights=weights, batch_size=len(images))
+    except (FileNotFoundError, InputError) as err:
+        raise SystemExit(str(err)) from None
     pictures = []
     for info in images:
         with PIL.Image.open(coco_path / "val2017" / info["file_name"]) as image:

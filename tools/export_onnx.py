@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, MAX_SIDE, OnnxDetector,  # noqa: E402
                            default_verify_sizes, export_onnx, min_side, verify_onnx)
-from models.inference import Detector  # noqa: E402
+from inference import Detector  # noqa: E402
 from util.checkpoint import CheckpointMismatchError  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
@@ -98,7 +98,7 @@ def one_line(error: Exception) -> str:
 
 
 def build_detector(args: argparse.Namespace, model_flags: list[str]) -> OnnxDetector:
-    """The model to export (``models.inference.Detector``), in eval mode on the CPU, with its post-processing."""
+    """The model to export (``inference.Detector``), in eval mode on the CPU, with its post-processing."""
     flags = args.config or model_flags
     if args.random_init:
         detector = Detector.from_flags(flags, device="cpu")

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
-from models import inference  # noqa: E402
+from inference import Detector  # noqa: E402
 from util.draw import category_color, draw_boxes  # noqa: E402
 from util.errors import InputError  # noqa: E402
 from util.process import keep_freed_memory  # noqa: E402
@@ -43,16 +43,6 @@ from util.process import keep_freed_memory  # noqa: E402
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def load_model(checkpoint_path: str | Path, model_flags: Sequence[str], device: str, *, trust: bool = False,
-               weights: str = "raw"):
-    """``(model in eval mode on device, bbox postprocessor, args)`` for a checkpoint (``trust``: see
-    ``--trust_checkpoint``): ``models.inference.load_model``, its errors as one-paragraph SystemExits."""
-    try:
-        return inference.load_model(checkpoint_path, model_flags, device, trust=trust, weights=weights)
-    except (FileNotFoundError, InputError) as err:
-        raise SystemExit(str(err)) from None
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
@@ -148,7 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         split = argv.index("--")
         argv, model_flags = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint (ours or official)")
+    parser.add_argument("--resume", required=True, metavar="CKPT",
+                        help="checkpoint (ours or official), model folder (config.json + model.safetensors) or run "
+                             "folder")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for detections.json and the PNGs")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest score kept (JSON and PNGs)")
@@ -156,14 +148,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda")
     parser.add_argument("--categories", default="", metavar="JSON",
-                        help="COCO-format annotation file whose categories name the classes")
+                        help="COCO-format annotation file whose categories name the classes; default the names "
+                             "the checkpoint stores (its training set's)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="unpickle the checkpoint without restriction (legacy files holding other objects than "
                              "weights and settings): it can carry code that then runs; only for trusted files")
     parser.add_argument("--weights", default="raw", choices=("raw", "ema"),
                         help="the checkpoint's trained weights, or their moving average (runs with --ema_decay)")
-    parser.add_argument("--size", type=int, default=800, help="shorter side the images are resized to")
-    parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
+    parser.add_argument("--size", type=int, default=None,
+                        help="shorter side the images are resized to; default the model's --val_size")
+    parser.add_argument("--max_size", type=int, default=None, help="longest side after resizing; default the model's")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -180,11 +174,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     images = find_images(args.inputs)
     out_dir = Path(args.out)
     check_out_dir(out_dir, args.inputs, images)
-    model, postprocessor, model_args_ = load_model(args.resume, model_flags, args.device, trust=args.trust_checkpoint,
-                                                   weights=args.weights)
-    names = inference.category_names(model_args_.num_classes, annotations)
-    detector = inference.Detector(model=model, postprocessor=postprocessor, device=args.device, val_size=args.size,
-                                  max_size=args.max_size, class_names=names, batch_size=args.batch_size)
+    try:
+        detector = Detector.from_checkpoint(args.resume, model_flags, device=args.device, weights=args.weights,
+                                            trust=args.trust_checkpoint, categories=annotations, val_size=args.size,
+                                            max_size=args.max_size, batch_size=args.batch_size)
+    except (FileNotFoundError, InputError) as err:
+        raise SystemExit(str(err)) from None
+    names = detector.class_names
     image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
     out_dir.mkdir(parents=True, exist_ok=True)
     png_paths = _png_paths(images, out_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 from pathlib import Path
 
 import matplotlib
@@ -25,22 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.images import UNREADABLE_IMAGE_ERRORS, open_rgb_image  # noqa: E402
 from models.dam import attention_map_to_token_grid  # noqa: E402
-from models.inference import Detector, load_model  # noqa: E402
+from inference import Detector  # noqa: E402
 from tools.plot_logs import figure_path  # noqa: E402
 from util.errors import InputError  # noqa: E402
 
 
-def load_detector(checkpoint_path: str, model_flags: list[str], device: str, size: int, max_size: int
-                  ) -> Detector:
-    """The Sparse DETR detector of a checkpoint, in eval mode (see ``models.inference``); SystemExit with one
-    paragraph when the checkpoint cannot be used or is not a Sparse DETR model."""
+def load_detector(checkpoint_path: str, model_flags: list[str], device: str, size: Optional[int],
+                  max_size: Optional[int]) -> Detector:
+    """The Sparse DETR detector of a checkpoint or model folder, in eval mode (see ``inference.py``), at the
+    model's sizes unless ``size`` / ``max_size`` are given; SystemExit with one paragraph when it cannot be used
+    or is not a Sparse DETR model."""
     try:
-        model, postprocessor, args = load_model(checkpoint_path, model_flags, device)
+        detector = Detector.from_checkpoint(checkpoint_path, model_flags, device=device, val_size=size,
+                                            max_size=max_size)
     except (FileNotFoundError, InputError) as err:
         raise SystemExit(str(err)) from None
-    if not args.rho:
+    if not detector.description.rho:
         raise SystemExit(f"{checkpoint_path} is not a Sparse DETR model (rho = 0): nothing to visualise")
-    return Detector(model=model, postprocessor=postprocessor, device=device, val_size=size, max_size=max_size)
+    return detector
 
 
 def read_image(path: str | Path) -> PIL.Image.Image:
@@ -101,18 +104,19 @@ def main(argv: list[str]) -> None:
     else:
         model_flags = []
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resume", required=True, help="checkpoint of a Sparse DETR model")
+    parser.add_argument("--resume", required=True, help="checkpoint (or model folder) of a Sparse DETR model")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--out", required=True, help="PNG to write (its folder is created; .png appended to a name "
                                                      "without extension)")
-    parser.add_argument("--size", type=int, default=800, help="shorter side the image is resized to")
-    parser.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
+    parser.add_argument("--size", type=int, default=None,
+                        help="shorter side the image is resized to; default the model's --val_size")
+    parser.add_argument("--max_size", type=int, default=None, help="longest side after resizing; default the model's")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    for flag, path in (("--resume", args.resume), ("--image", args.image)):
-        if Path(path).is_dir():
-            raise SystemExit(f"{flag} {path} is a folder: give a file")
-        if not Path(path).is_file():
+    if Path(args.image).is_dir():
+        raise SystemExit(f"--image {args.image} is a folder: give a file")
+    for path in (args.resume, args.image):
+        if not Path(path).exists():
             raise SystemExit(f"file not found: {path}")
     image = read_image(args.image)
     out = figure_path(args.out)

@@ -11,7 +11,7 @@ import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -92,17 +92,17 @@ class UntrustedCheckpointError(InputError):
     """A file holds pickled objects beyond weights and settings: loading it could run code."""
 
 
-def torch_load(path: Path, *, trust: bool = False) -> Any:
+def torch_load(path: Path, *, trust: bool = False, mmap: bool = False) -> Any:
     """``torch.load`` of ``path`` on the CPU that runs no code from the file: only tensors, plain Python values
     and :data:`CHECKPOINT_GLOBALS` are unpickled (``weights_only``). Anything else raises
     :class:`UntrustedCheckpointError`; ``trust=True`` (``--trust_checkpoint``) loads it anyway, with a warning."""
     if trust:
         logger.warning("--trust_checkpoint: unpickling %s without restriction; a checkpoint file can carry code "
                        "that runs as it loads, so use this only for files from a source you trust", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         if found is None:
@@ -132,6 +132,21 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise InputError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
     return dict(checkpoint)
+
+
+def read_checkpoint_entries(path: str | Path, keys: Sequence[str], *, trust: bool = False) -> dict[str, Any]:
+    """The entries ``keys`` of a checkpoint file (None where absent), with its tensors memory-mapped rather than
+    read (files of the zip format, every torch >= 1.6 writes); other files are read whole by
+    :func:`load_checkpoint`, whose errors this raises."""
+    try:
+        checkpoint = torch_load(Path(path), trust=trust, mmap=True)
+    except UntrustedCheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - an old format, a damaged file: the full read says what is wrong
+        checkpoint = load_checkpoint(path, trust=trust)
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = load_checkpoint(path, trust=trust)  # raises its "not a checkpoint" error
+    return {key: checkpoint.get(key) for key in keys}
 
 
 def unreadable_checkpoint_error(path: Path, error: Exception) -> InputError:
@@ -192,12 +207,12 @@ def drop_counter_entries(state_dict: dict[str, Tensor], own: Mapping[str, Tensor
 
 
 def load_model_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path, *,
-                      explain: Optional[Callable[[list[str], Any], list[str]]] = None, built_as: str = "") -> None:
+                      explain: Optional[Callable[[list[str]], list[str]]] = None, built_as: str = "") -> None:
     """Load ``checkpoint["model"]`` into ``model``, requiring the exact same tensors; otherwise raise
     :class:`CheckpointMismatchError` listing the missing, unexpected and reshaped tensors and the
     likely cause (usually a checkpoint of another variant or ``--num_classes``).
 
-    ``explain(bad keys, the checkpoint's saved args or None)`` gives those causes (see
+    ``explain(bad keys)`` gives those causes (see
     ``models.checkpoint_mismatch_causes``); ``built_as`` names how the model was built (e.g. "--model detr")."""
     state_dict = drop_counter_entries(strip_ddp_prefix(checkpoint["model"]), model.state_dict(), source)
     own = model.state_dict()
@@ -211,7 +226,7 @@ def load_model_strict(model: nn.Module, checkpoint: Mapping[str, Any], source: s
             return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
 
         bad_keys = missing + unexpected + [r.split(":")[0] for r in reshaped]
-        causes = explain(bad_keys, checkpoint.get("args")) if explain is not None else []
+        causes = explain(bad_keys) if explain is not None else []
         raise CheckpointMismatchError(
             f"the weights of {source} do not fit the model built from the current flags"
             + (f" ({built_as})." if built_as else ".")
@@ -392,12 +407,15 @@ def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_sch
                       output_dir: Path, *, run_args: argparse.Namespace, lr_drop: int, keep_every: int,
                       progress: Optional[EpochProgress] = None,
                       train_stats: Optional[Mapping[str, Any]] = None,
-                      model_ema: Optional[Mapping[str, Tensor]] = None) -> Path:
+                      model_ema: Optional[Mapping[str, Tensor]] = None,
+                      model_description: Optional[Mapping[str, Any]] = None) -> Path:
     """Save from rank 0, and return the path of, checkpoint.pth (every process must call it: it gathers their
     random states): with ``progress``, that of epoch ``epoch`` stopped midway; otherwise that of the finished
     epoch (with its ``train_stats``), plus checkpoint{epoch:04}.pth when due (see :func:`checkpoint_paths`).
-    ``run_args`` (the run's flags) are stored as they are, as the reference does; ``model_ema`` (``--ema_decay``:
-    the moving average's state dict) under ``model_ema``, a key the checkpoint lacks without it."""
+    ``run_args`` (the run's flags) are stored as they are, as the reference does; ``model_description`` (the
+    plain-data ``models.description.ModelDescription.to_dict()``, which every tool rebuilds the model from) under
+    ``model_description``; ``model_ema`` (``--ema_decay``: the moving average's state dict) under ``model_ema``, a
+    key the checkpoint lacks without it."""
     rng_states = all_gather_object(capture_rng_state())
     latest = output_dir / "checkpoint.pth"
     if not is_main_process():
@@ -408,6 +426,7 @@ def write_checkpoints(model: nn.Module, optimizer: torch.optim.Optimizer, lr_sch
         "lr_scheduler": lr_scheduler.state_dict(),
         "epoch": epoch,
         "args": run_args,
+        "model_description": None if model_description is None else dict(model_description),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "rng_state": rng_states,
         "progress": None if progress is None else asdict(progress),

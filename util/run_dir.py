@@ -127,7 +127,8 @@ def claim_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool) -> Ru
                 raise InputError(f"--output_dir {output_dir} already holds a run ({names}): continue it with "
                                  "--resume auto, choose a new --output_dir, or start over with --overwrite (which "
                                  "moves the old files aside, deleting nothing)")
-            folder = move_aside(output_dir, existing)
+            # The run's config.json goes with it (alone it does not make a run: a start that died writes it).
+            folder = move_aside(output_dir, [*existing, *output_dir.glob("config.json")])
             logger.warning("--overwrite: moved the previous run's %d files (%s) into %s", len(existing), names, folder)
     except BaseException:
         lock.release()
