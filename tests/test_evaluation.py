@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -313,4 +312,3 @@ def test_confusion_matrix_and_image_errors_by_hand():
     expected[3, 1] = 1  # background, circle detected
     expected[2, 3] = 1  # triangle box, missed
     np.testing.assert_array_equal(confusion_matrix([errors], [1, 2, 3]), expected)
-    assert math.isclose(analyze_detections.xyxy([1, 2, 3, 4])[3], 6)

@@ -14,7 +14,7 @@ Writes into ``--out``:
     confusion.png     box class (rows, plus background) against detected class (columns, plus missed), of the
                       detections scoring >= ``--score_threshold`` matched at IoU >= 0.5, each row normalised
     worst_images.png  the ``--worst`` images with the most errors at that threshold: correct detections green,
-                      wrong-class ones orange, background ones red, missed boxes white (captioned "missed")
+                      wrong-class ones orange, background ones red, missed boxes blue (captioned "missed")
     analysis.json     the numbers behind them
 
 Without ``--images`` the worst images are drawn on grey canvases of their size.
@@ -49,12 +49,8 @@ logger = logging.getLogger("analyze_detections")
 
 # Colours of the curves, from the strictest (C75) to the most forgiving (FN), as the COCO site draws them.
 CURVE_COLORS = ("#ffffff", "#5b8fd6", "#2fb37a", "#ffcc33", "#ff8c33", "#d94040", "#e6c3f0")
-TRUE, WRONG_CLASS, BACKGROUND, MISSED = (40, 200, 60), (255, 150, 0), (230, 30, 30), (255, 255, 255)
-
-
-def xyxy(box: Sequence[float]) -> list[float]:
-    x, y, w, h = box
-    return [x, y, x + w, y + h]
+TRUE, WRONG_CLASS, BACKGROUND, MISSED = (40, 200, 60), (255, 150, 0), (230, 30, 30), (0, 90, 255)
+MIN_DRAWN_SIDE = 384  # smaller images are enlarged before drawing, so that the captions fit
 
 
 def plot_breakdown(breakdown: Breakdown, path: Path, *, classes: int) -> None:
@@ -110,8 +106,14 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, *, scor
 
 def draw_image_errors(image: PIL.Image.Image, errors: ImageErrors, names: dict[int, str]) -> PIL.Image.Image:
     """``image`` with the matches (green: right class, orange: wrong class), background detections (red) and
-    missed boxes (white) drawn, each captioned."""
-    canvas = image.convert("RGB")
+    missed boxes (blue) drawn, each captioned; enlarged to a shorter side of MIN_DRAWN_SIDE when smaller."""
+    scale = max(1.0, MIN_DRAWN_SIDE / min(image.size))
+    canvas = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)))
+
+    def xyxy(box: Sequence[float]) -> list[float]:
+        x, y, w, h = (v * scale for v in box)
+        return [x, y, x + w, y + h]
+
     boxes, colors, captions = [], [], []
     for gt, det in errors.matches:
         right = gt["category_id"] == det["category_id"]
