@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from datasets.coco_eval import CocoEvaluator
+from datasets.coco_results import per_class_ap
 from util.checkpoint import EpochProgress
-from util.console import Progress, TrainReport, ap_table, eval_line, log_progress
+from util.console import Progress, TrainReport, ap_table, class_ap_table, eval_line, log_progress
 from util.ema import ModelEMA
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import get_world_size, reduce_dict
@@ -268,19 +269,24 @@ class EvaluationStopped(Exception):
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str, nn.Module], data_loader: Iterable,
              base_ds, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             log_every: int = 50, stop: Optional[StopRequest] = None) -> tuple[dict[str, Any], CocoEvaluator]:
+             log_every: int = 50, stop: Optional[StopRequest] = None, *, backend: str = "pycocotools",
+             per_class: bool = False, with_ground_truth: bool = True) -> tuple[dict[str, Any], CocoEvaluator]:
     """Losses and COCO box evaluation of ``model`` on ``data_loader`` (``base_ds``: its pycocotools ground truth).
 
     Returns the averaged losses (as in :func:`train_one_epoch`) plus ``coco_eval_bbox`` (the 12 COCO stats:
-    AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), and the evaluator. Raises
-    :class:`EvaluationStopped` after the batch in which ``stop`` reports a signal on any process.
+    AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), and the evaluator, which holds every
+    detection (``evaluator.results``). Logs the 12 stats and the AP per class (every class with ``per_class``,
+    else the best and worst few), in percent. ``backend``: see ``datasets.coco_eval.BACKENDS``.
+    ``with_ground_truth=False`` (a split of images without annotations, as COCO test-dev) only collects the
+    detections: no loss, no stat (an empty dict). Raises :class:`EvaluationStopped` after the batch in which
+    ``stop`` reports a signal on any process.
     """
     model.eval()
     criterion.eval()
     weight_dict = criterion.weight_dict
     metrics = MetricLogger()
     metrics.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    evaluator = CocoEvaluator(base_ds, ("bbox",))
+    evaluator = CocoEvaluator(base_ds, ("bbox",), backend=backend)
     with shut_down_workers_after(data_loader) as loader_iter:
         for samples, targets in log_progress(loader_iter, name="eval", total=len(data_loader),  # type: ignore[arg-type]
                                              every=log_every, line=eval_line, world_size=get_world_size(),
@@ -289,18 +295,24 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
             with autocast(device, amp_dtype):
                 outputs = model(samples)
             outputs = outputs_to_float32(outputs)
-            metrics.update(**reduced_loss_stats(criterion(outputs, targets), weight_dict))
+            if with_ground_truth:
+                metrics.update(**reduced_loss_stats(criterion(outputs, targets), weight_dict))
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
             results = postprocessors["bbox"](outputs, orig_sizes)
             evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
             if stop is not None and stop.agreed():
                 raise EvaluationStopped()
+    evaluator.synchronize_between_processes()
+    if not with_ground_truth:
+        return {}, evaluator
     metrics.synchronize_between_processes()
     logger.debug("Test averaged stats: %s", metrics)
-    evaluator.synchronize_between_processes()
     evaluator.accumulate()
     evaluator.summarize()
     logger.info("%s", ap_table(evaluator.stats, len(evaluator.img_ids)))
+    coco_eval = evaluator.coco_eval["bbox"]
+    if coco_eval.eval:
+        logger.info("%s", class_ap_table(per_class_ap(coco_eval, base_ds), show_all=per_class))
     stats: dict[str, Any] = metrics.global_averages()
     stats["coco_eval_bbox"] = evaluator.stats
     return stats, evaluator

@@ -1,7 +1,7 @@
 """The end of each epoch and the early stops of a run (``runner.run`` calls them).
 
     Validation              evaluating on the validation data without shifting the random streams
-    finish_epoch            evaluate when due, then append the epoch's record to log.txt
+    finish_epoch            evaluate when due, then append the epoch's record to log.txt (and eval.json)
     record_cut_short_epoch  after a resume, write the record of an epoch whose evaluation was cut short
     read_log_records        log.txt's records, skipping damaged lines
     stop_error              the exception that ends training after a stop signal or too many non-finite steps
@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from datasets.coco_eval import CocoEvaluator
+from datasets.coco_results import save_evaluation
 from engine import EpochResult, evaluate
 from util.checkpoint import TrainState
 from util.errors import InputError
@@ -35,7 +37,8 @@ class NonFiniteLossError(InputError):
 class Validation:
     """What evaluating on the validation data takes. Calling it runs :func:`evaluate` without shifting the
     training's random streams and returns the record's test entries: ``test_<stat>`` of ``model`` and, with
-    ``ema_model`` (``--ema_decay``: the moving average of the weights), ``test_ema_<stat>`` of it."""
+    ``ema_model`` (``--ema_decay``: the moving average of the weights), ``test_ema_<stat>`` of it; the
+    evaluators of the last call stay in ``evaluators`` (by prefix). ``model_description`` goes into eval.json."""
     model: nn.Module
     criterion: nn.Module
     postprocessors: Mapping[str, nn.Module]
@@ -46,6 +49,10 @@ class Validation:
     log_every: int
     stop: Optional[StopRequest] = None  # a signal stops the evaluation (EvaluationStopped)
     ema_model: Optional[nn.Module] = None
+    backend: str = "pycocotools"  # --eval_backend
+    per_class: bool = False  # --per_class
+    model_description: Mapping[str, Any] = field(default_factory=dict)
+    evaluators: dict[str, CocoEvaluator] = field(default_factory=dict)
 
     def __call__(self) -> dict[str, Any]:
         models = {"test": self.model}
@@ -56,8 +63,9 @@ class Validation:
             if prefix == "test_ema":
                 logger.info("evaluating the moving average of the weights (--ema_decay): test_ema_* in log.txt")
             with preserved_rng_state():
-                stats, _ = evaluate(model, self.criterion, self.postprocessors, self.loader, self.base_ds,
-                                    self.device, self.amp_dtype, self.log_every, self.stop)
+                stats, self.evaluators[prefix] = evaluate(
+                    model, self.criterion, self.postprocessors, self.loader, self.base_ds, self.device,
+                    self.amp_dtype, self.log_every, self.stop, backend=self.backend, per_class=self.per_class)
             record.update({f"{prefix}_{k}": v for k, v in stats.items()})
         return record
 
@@ -70,13 +78,20 @@ def evaluation_due(epoch: int, eval_every: int, epochs: int) -> bool:
 def finish_epoch(epoch: int, train_stats: Mapping[str, Any], validation: Validation, *, evaluate_now: bool,
                  n_parameters: int, output_dir: Optional[Path]) -> dict[str, Any]:
     """Evaluate when ``evaluate_now``, then append the epoch's record (``train_*``, ``test_*``, with
-    ``--ema_decay`` ``test_ema_*``, ``epoch``, ``n_parameters``) to ``output_dir``/log.txt; returns the record."""
+    ``--ema_decay`` ``test_ema_*``, ``epoch``, ``n_parameters``) to ``output_dir``/log.txt; returns the record.
+    An evaluation also (over)writes ``output_dir``/eval.json (eval_ema.json: of the moving average), so that
+    it holds the run's last one."""
     test_stats = validation() if evaluate_now else {}
     record = {**{f"train_{k}": v for k, v in train_stats.items()}, **test_stats, "epoch": epoch,
               "n_parameters": n_parameters}
     if output_dir is not None and is_main_process():
         with (output_dir / "log.txt").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for prefix, evaluator in validation.evaluators.items() if evaluate_now else ():
+            weights = "ema" if prefix == "test_ema" else "raw"
+            save_evaluation(output_dir, evaluator, name="eval_ema" if weights == "ema" else "eval",
+                            checkpoint=output_dir / "checkpoint.pth", weights=weights, epoch=epoch,
+                            model=validation.model_description, dataset=getattr(validation.loader, "dataset", None))
     return record
 
 

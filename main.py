@@ -255,6 +255,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_weights", default="raw", choices=("raw", "ema"),
                    help="--eval: the checkpoint's trained weights (raw) or their moving average (ema, from a run "
                         "with --ema_decay)")
+    g.add_argument("--eval_split", default="val", choices=("val", "test-dev"),
+                   help="--eval: val, or COCO test-dev (test2017/ and annotations/image_info_test-dev2017.json: no "
+                        "ground truth, so no metrics; needs --save_detections)")
+    g.add_argument("--save_detections", action="store_true",
+                   help="--eval: also write the COCO results file <output_dir>/detections_<split>.json (what the "
+                        "COCO evaluation server takes)")
+    g.add_argument("--eval_backend", default="pycocotools", choices=("pycocotools", "faster_coco_eval"),
+                   help="COCO evaluation: pycocotools (the references') or faster-coco-eval (pip install "
+                        "faster-coco-eval: the same 12 numbers, faster; docs/benchmarks.md)")
+    g.add_argument("--per_class", action="store_true",
+                   help="print the AP of every class after an evaluation (default: the 5 best and 5 worst)")
     g.add_argument("--deterministic", action="store_true",
                    help="bitwise repeatable runs: on CPU (same machine, torch and thread count) exactly; on GPU "
                         "through torch.use_deterministic_algorithms, deterministic cuDNN and cuBLAS, and the "
@@ -269,6 +280,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(needs the tensorboard package and --output_dir)")
     g.add_argument("--tensorboard_images", default=0, type=int, metavar="N",
                    help="with --tensorboard: the first N val images with their detections at each evaluation")
+    g.add_argument("--log_level", default="INFO", choices=("DEBUG", "INFO", "WARNING"),
+                   help="console detail of rank 0 (the other processes log warnings only); DEBUG adds pycocotools' "
+                        "own table and the averaged stats")
     return parser
 
 
@@ -380,6 +394,17 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                       "it (training evaluates both when --ema_decay is set)")
     if args.finetune and args.eval:
         errors.append("--eval evaluates the --resume checkpoint: drop --finetune")
+    if args.save_detections and not (args.eval and args.output_dir):
+        errors.append("--save_detections writes <output_dir>/detections_<split>.json of --eval: add --eval and "
+                      "--output_dir")
+    if args.eval_split != "val" and not (args.eval and args.save_detections):
+        errors.append(f"--eval_split {args.eval_split} has no ground truth: its detections are all you get; add "
+                      "--eval --save_detections --output_dir DIR")
+    if args.eval_backend == "faster_coco_eval":
+        import importlib.util
+        if importlib.util.find_spec("faster_coco_eval") is None:
+            errors.append("--eval_backend faster_coco_eval needs the faster-coco-eval package: pip install "
+                          "faster-coco-eval, or drop the flag (pycocotools)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         errors.append(f"--device {args.device}: CUDA is not available here (no GPU, or a CPU-only PyTorch); use "
                       "--device cpu")

@@ -43,6 +43,7 @@ from epochs import (
 )
 from engine import EvaluationStopped, evaluate, to_device, train_one_epoch, weighted_loss
 from datasets.coco_names import category_names
+from evaluation import evaluate_checkpoint
 from models import build_model, load_weights_strict
 from models.description import ModelDescription
 from util.checkpoint import (
@@ -50,7 +51,6 @@ from util.checkpoint import (
     TrainState,
     load_checkpoint,
     load_finetune_weights,
-    model_state,
     remove_unfinished_writes,
     resolve_resume,
     restore_training_state,
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     :class:`TrainingStopped` after a stop signal and :class:`NonFiniteLossError` (``epochs.py``; see the module
     docstring)."""
     ctx = init_distributed(args.device)
-    setup_logging(ctx)
+    setup_logging(ctx, args.log_level)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_algorithms(args.deterministic))
@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     amp_dtype = AMP_DTYPES[args.amp]
 
     cache_share = (ctx.local_rank, ctx.local_size)
-    dataset_val = build_dataset("val", args, cache_share)
+    dataset_val = build_dataset(args.eval_split if args.eval else "val", args, cache_share)
     base_ds = get_coco_api_from_dataset(dataset_val)
     loader_val = build_data_loader(dataset_val, args, ctx, train=False, device=device)
     description = ModelDescription.from_flags(vars(args), categories=dataset_categories(dataset_val))
@@ -285,17 +285,8 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
                 f"; its description and every flag: {output_dir / 'config.json'}" if output_dir is not None else "")
 
     if args.eval:
-        checkpoint = load_checkpoint(resume_path, trust=args.trust_checkpoint)
-        weights = model_state(checkpoint, args.eval_weights, source=resume_path)
-        load_weights_strict(model, {**checkpoint, "model": weights}, resume_path, current_flags=vars(args),
-                            built_as=f"--model {args.model}")
-        test_stats, _ = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp_dtype,
-                                 args.log_every)
-        what = "the moving average of the weights" if args.eval_weights == "ema" else "the weights"
-        logger.info("evaluation of %s of %s: AP %.4f, AP50 %.4f, AP75 %.4f", what, resume_path,
-                    *test_stats["coco_eval_bbox"][:3])
-        prefix = "test_ema" if args.eval_weights == "ema" else "test"  # the keys of log.txt
-        return {f"{prefix}_{k}": v for k, v in test_stats.items()}
+        return evaluate_checkpoint(args, model, criterion, postprocessors, loader_val, base_ds, resume_path, device,
+                                   amp_dtype, description=description)
 
     if output_dir is not None and is_main_process():
         remove_unfinished_writes(output_dir)
@@ -353,7 +344,9 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     progress = state.progress
     with StopRequest() as stop:
         validation = Validation(model, criterion, postprocessors, loader_val, base_ds, device, amp_dtype,
-                                args.log_every, stop, ema_model=None if ema is None else ema.module)
+                                args.log_every, stop, ema_model=None if ema is None else ema.module,
+                                backend=args.eval_backend, per_class=args.per_class,
+                                model_description=description.to_dict())
         try:
             log_stats = record_cut_short_epoch(state, resume_path, output_dir, validation,
                                                eval_every=args.eval_every, epochs=args.epochs,

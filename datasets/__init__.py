@@ -25,7 +25,7 @@ BUILDERS = {"coco": build_coco}
 
 
 def build_dataset(image_set: str, args, cache_share: tuple[int, int] = (0, 1)) -> CocoDetection:
-    """Build the ``image_set`` ('train' or 'val') split of the ``args.dataset_file`` format; see
+    """Build the ``image_set`` ('train', 'val' or 'test-dev') split of the ``args.dataset_file`` format; see
     :func:`datasets.coco.build` for the other ``args`` and ``cache_share`` (``--cache_mode``: this process's
     ``(local rank, processes per node)``)."""
     if args.dataset_file not in BUILDERS:

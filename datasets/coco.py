@@ -117,7 +117,8 @@ class CocoDetection(Dataset):
     ``cache_share=(local_rank, local_size)`` is this process's share of a node's cache, the images whose index
     ``i`` has ``i % local_size == local_rank`` (see datasets/samplers.py); (0, 1), every image, by default.
     ``self.coco`` is the pycocotools ground truth and ``self.ids`` the sorted image ids (index ``i`` ->
-    ``self.ids[i]``).
+    ``self.ids[i]``). ``images_only``: a split without ground truth (COCO test-dev's image-info file, whose
+    "annotations" may be absent): its images are only detected on, never scored.
     """
 
     def __init__(
@@ -130,13 +131,16 @@ class CocoDetection(Dataset):
         cache_share: tuple[int, int] = (0, 1),
         num_classes: Optional[int] = None,
         strict_data: bool = False,
+        images_only: bool = False,
     ):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
+        self.images_only = images_only
         check_split_paths(self.img_folder, self.ann_file)
-        dataset = read_annotation_file(self.ann_file)
+        dataset = read_annotation_file(self.ann_file, images_only=images_only)
         num_listed = len(dataset["images"])
-        report_findings(clean_annotations(dataset, self.img_folder), self.ann_file, strict_data)
+        report_findings(clean_annotations(dataset, self.img_folder, images_only=images_only), self.ann_file,
+                        strict_data)
         if not dataset["images"]:
             raise InputError(f"no images to use: {self.ann_file} lists {num_listed} images and none of them is "
                              f"in {self.img_folder} ({LAYOUT_HELP})")
@@ -243,12 +247,16 @@ class CocoDetection(Dataset):
 
 
 def split_paths(coco_path: str | Path, image_set: str) -> tuple[Path, Path]:
-    """``(image folder, annotation file)`` of ``image_set`` ('train' or 'val') under ``coco_path``."""
-    if image_set not in ("train", "val"):
-        raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
+    """``(image folder, annotation file)`` of ``image_set`` under ``coco_path``: 'train' and 'val'
+    (``{train,val}2017/``, ``annotations/instances_{train,val}2017.json``) or 'test-dev' (COCO's download
+    layout: ``test2017/``, ``annotations/image_info_test-dev2017.json``)."""
+    if image_set not in ("train", "val", "test-dev"):
+        raise ValueError(f"unknown image_set {image_set!r}; expected 'train', 'val' or 'test-dev'")
     root = Path(coco_path)
     if not root.is_dir():
         raise FileNotFoundError(f"--coco_path {root} is not a directory ({LAYOUT_HELP})")
+    if image_set == "test-dev":
+        return root / "test2017", root / "annotations" / "image_info_test-dev2017.json"
     return root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json"
 
 
@@ -261,14 +269,15 @@ def check_split_paths(img_folder: Path, ann_file: Path) -> None:
 
 
 def build(image_set: str, args, cache_share: tuple[int, int] = (0, 1)) -> CocoDetection:
-    """Dataset of ``image_set`` ('train' or 'val') from main.py's options: ``args.coco_path``,
+    """Dataset of ``image_set`` ('train', 'val' or 'test-dev': images without ground truth, with the val
+    transforms) from main.py's options: ``args.coco_path``,
     ``args.scales`` (None: the reference 480..800), ``args.max_size``, ``args.val_size``, ``args.cache_mode``,
     ``args.num_classes`` (None: no check) and ``args.strict_data``; ``cache_share``: see :class:`CocoDetection`."""
     if not args.coco_path:
         raise InputError(f"--coco_path is required ({LAYOUT_HELP})")
     img_folder, ann_file = split_paths(args.coco_path, image_set)
     transforms = T.make_coco_transforms(
-        image_set,
+        "val" if image_set == "test-dev" else image_set,
         scales=args.scales,
         max_size=args.max_size,
         val_size=args.val_size,
@@ -281,4 +290,5 @@ def build(image_set: str, args, cache_share: tuple[int, int] = (0, 1)) -> CocoDe
         cache_share=cache_share,
         num_classes=args.num_classes,
         strict_data=args.strict_data,
+        images_only=image_set == "test-dev",
     )

@@ -89,8 +89,10 @@ def not_coco_error(ann_file: str | Path, problem: str) -> InputError:
     return InputError(f"{ann_file} is not a usable COCO annotation file: {problem}. {COCO_FORMAT_HELP}")
 
 
-def read_annotation_file(ann_file: str | Path) -> dict:
-    """The parsed JSON of ``ann_file``, checked by :func:`check_coco_structure`; InputError if not COCO."""
+def read_annotation_file(ann_file: str | Path, *, images_only: bool = False) -> dict:
+    """The parsed JSON of ``ann_file``, checked by :func:`check_coco_structure`; InputError if not COCO.
+    ``images_only``: an image-info file (COCO test-dev's ``image_info_test-dev2017.json``) may lack
+    "annotations" (then an empty list)."""
     try:
         with open(ann_file, "rb") as f:
             dataset = json.load(f)
@@ -99,6 +101,8 @@ def read_annotation_file(ann_file: str | Path) -> dict:
                                        f"column {err.colno})") from None
     except UnicodeDecodeError:
         raise not_coco_error(ann_file, "it is not valid JSON (not UTF-8 text)") from None
+    if images_only and isinstance(dataset, dict):
+        dataset.setdefault("annotations", [])
     check_coco_structure(dataset, ann_file)
     return dataset
 
@@ -317,15 +321,16 @@ def crowd_findings(dataset: dict) -> list[Finding]:
     return findings
 
 
-def clean_annotations(dataset: dict, img_folder: Path) -> list[Finding]:
+def clean_annotations(dataset: dict, img_folder: Path, *, images_only: bool = False) -> list[Finding]:
     """Every fixable problem of a checked ``dataset`` (see :func:`read_annotation_file`), fixed in place:
-    missing images and malformed boxes dropped, "area"/"iscrowd" filled in."""
+    missing images and malformed boxes dropped, "area"/"iscrowd" filled in. ``images_only`` (an image-info
+    file): no finding about images without boxes, which is what such a file is."""
     return [
         *drop_missing_images(dataset, img_folder),
         *drop_malformed_boxes(dataset),
         *fill_missing_areas(dataset),
         *fill_missing_iscrowd(dataset),
-        *crowd_findings(dataset),
+        *([] if images_only else crowd_findings(dataset)),
         *box_geometry_findings(dataset),
         *undeclared_category_findings(dataset),
     ]

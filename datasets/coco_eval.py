@@ -8,6 +8,11 @@ Usage::
     evaluator.accumulate()
     evaluator.summarize()            # the usual 12-line table as text (logged at DEBUG)
     ap = evaluator.stats[0]          # AP@[.5:.95]
+    evaluator.results                # every detection in the COCO results format, by image
+
+``backend`` picks the implementation: ``"pycocotools"`` (the default, the references') or
+``"faster_coco_eval"`` (the faster-coco-eval package's C++ evaluation, same 12 numbers to 1e-4 on the
+synthetic COCO-sized set of tools/bench_eval.py; see docs/benchmarks.md).
 
 ``boxes`` are absolute xyxy pixels of the *original* image, ``labels`` are COCO category ids.
 Only images passed to :meth:`update` are evaluated (an image with zero predictions still
@@ -27,12 +32,14 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from util.errors import InputError
 from util.misc import all_gather_object
 
 logger = logging.getLogger(__name__)
 
 NUM_STATS = 12
 SUPPORTED_IOU_TYPES = ("bbox",)
+BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
 def _quiet(fn: Callable[[], Any]) -> tuple[Any, str]:
@@ -49,16 +56,37 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-class CocoEvaluator:
-    """Collects detections per image and evaluates them against ``coco_gt``."""
+def _faster_coco_eval() -> tuple[type, type]:
+    """faster-coco-eval's ``(COCO, COCOeval_faster)``; InputError naming the install when it is missing."""
+    try:
+        from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
+    except ImportError:
+        raise InputError("--eval_backend faster_coco_eval needs the faster-coco-eval package: pip install "
+                         "faster-coco-eval (or use the default --eval_backend pycocotools)") from None
+    return FasterCOCO, COCOeval_faster
 
-    def __init__(self, coco_gt: COCO, iou_types: Sequence[str] = ("bbox",)):
+
+class CocoEvaluator:
+    """Collects detections per image and evaluates them against ``coco_gt`` with ``backend`` (one of
+    :data:`BACKENDS`)."""
+
+    def __init__(self, coco_gt: COCO, iou_types: Sequence[str] = ("bbox",), *, backend: str = "pycocotools"):
         unknown = [t for t in iou_types if t not in SUPPORTED_IOU_TYPES]
         if unknown:
             raise ValueError(f"unsupported iou types {unknown}; supported: {SUPPORTED_IOU_TYPES}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown evaluation backend {backend!r}; choose one of {BACKENDS}")
         self.coco_gt = coco_gt
         self.iou_types = tuple(iou_types)
-        self.coco_eval: dict[str, COCOeval] = {t: COCOeval(coco_gt, iouType=t) for t in self.iou_types}
+        self.backend = backend
+        self._coco_class: type = COCO
+        if backend == "pycocotools":
+            self.coco_eval: dict[str, Any] = {t: COCOeval(coco_gt, iouType=t) for t in self.iou_types}
+        else:  # its own index of the ground truth (a copy: its evaluation writes "ignore" into the annotations)
+            self._coco_class, evaluator_class = _faster_coco_eval()
+            gt = self._coco_class(copy.deepcopy(coco_gt.dataset), print_function=logger.debug)
+            # print_function=print: its messages are captured and logged at DEBUG as pycocotools' are
+            self.coco_eval = {t: evaluator_class(gt, iouType=t, print_function=print) for t in self.iou_types}
         # image id -> detections of that image in COCO result format (xywh boxes)
         self.detections: dict[int, list[dict]] = {}
         self._evaluated = False
@@ -67,6 +95,12 @@ class CocoEvaluator:
     def img_ids(self) -> list[int]:
         """Sorted ids of the images seen so far."""
         return sorted(self.detections)
+
+    @property
+    def results(self) -> list[dict]:
+        """Every detection in the COCO results format (``{"image_id", "category_id", "bbox": [x, y, w, h] in
+        pixels of the original image, "score"}``), by image id, each image's in the order given."""
+        return [det for image_id in self.img_ids for det in self.detections[image_id]]
 
     def update(self, predictions: Mapping[Any, Mapping[str, Any]]) -> None:
         """Add ``{image_id: {"scores": [K], "labels": [K], "boxes": [K, 4] abs xyxy}}``.
@@ -96,14 +130,15 @@ class CocoEvaluator:
         self.detections = merged
         self._evaluated = False
 
-    def _detections_as_coco(self) -> COCO:
-        """A pycocotools result object holding every detection (an empty one when there are none)."""
+    def _detections_as_coco(self) -> Any:
+        """A result object of the backend (pycocotools' or faster-coco-eval's ``COCO``) holding every detection
+        (an empty one when there are none)."""
         annotations = []
         for image_id in self.img_ids:
             for det in self.detections[image_id]:
                 w, h = det["bbox"][2], det["bbox"][3]
                 annotations.append({**det, "id": len(annotations) + 1, "area": w * h, "iscrowd": 0})
-        coco_dt = COCO()
+        coco_dt = self._coco_class()
         coco_dt.dataset = {
             "images": list(self.coco_gt.dataset.get("images", [])),
             "categories": copy.deepcopy(self.coco_gt.dataset.get("categories", [])),

@@ -95,13 +95,15 @@ def test_progress_lines_after_every_nth_and_the_last_batch_with_eta_and_images_p
     assert lines[-1] == f"epoch 0 done: {total - done} steps in 0:00:0{int(0.5 * (total - done))} (0.500 s / step)"
 
 
-def test_ap_table_shows_the_six_ap_numbers_in_percent():
-    """Catches stats taken from the wrong positions (AR instead of AP) and -1 (no ground truth) shown as a score."""
+def test_ap_table_shows_the_twelve_named_stats_in_percent():
+    """Catches stats under the wrong names (AR instead of AP), a fraction among percents, and -1 (no ground
+    truth) shown as a score."""
     stats = [0.461, 0.652, 0.498, 0.281, -1.0, 0.601, 0.351, 0.552, 0.583, 0.402, 0.623, 0.774]
     title, header, values = ap_table(stats, 5000).splitlines()
-    assert title == "COCO box AP of 5000 images:"
-    assert header.split() == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    assert values.split() == ["46.1", "65.2", "49.8", "28.1", "-", "60.1"]
+    assert title == "COCO box AP and AR of 5000 images, in percent:"
+    assert header.split() == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    assert values.split() == ["46.1", "65.2", "49.8", "28.1", "-", "60.1", "35.1", "55.2", "58.3", "40.2", "62.3",
+                              "77.4"]
     assert len(header) == len(values)  # columns aligned
 
 
@@ -144,7 +146,9 @@ def test_a_piped_run_prints_plain_readable_lines(piped_run):
                          rf"loss_ce {field} loss_bbox {field} loss_giou {field} loss_mask_prediction {field} \| "
                          r"peak mem \d+ MiB \(RSS\)$", line), line
     assert re.search(r"eval \[2/2\] eta", piped_run)
-    assert re.search(r"COCO box AP of 4 images:\n +AP +AP50 +AP75 +APs +APm +APl\n( +(\d+\.\d|-)){6}\n", piped_run)
+    assert re.search(r"COCO box AP and AR of 4 images, in percent:\n +AP +AP50 +AP75 +APs +APm +APl +AR1 +AR10 +AR100 "
+                     r"+ARs +ARm +ARl\n( +(\d+\.\d|-)){12}\n", piped_run)
+    assert re.search(r"AP per class of 3 classes, in percent, best first:\n +class +AP +AP50 +boxes\n", piped_run)
     assert "_unscaled" not in piped_run.split("training epochs")[1]  # past the arguments line
     assert "averaged stats" not in piped_run and "Average Precision" not in piped_run
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("models", "datasets", "util")
-APPLICATION = ("main", "runner", "epochs", "engine", "inference", "model_config", "hubconf", "tools")
+APPLICATION = ("main", "runner", "epochs", "evaluation", "engine", "inference", "model_config", "hubconf", "tools")
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:

@@ -1,12 +1,12 @@
-"""What a run prints: one progress line every ``--log_every`` steps of training and evaluation, and the short
-AP table that ends an evaluation.
+"""What a run prints: one progress line every ``--log_every`` steps of training and evaluation, and the
+tables that end an evaluation (the 12 COCO stats, the AP per class), all in percent.
 
     epoch 3 [ 250/1000] eta 0:12:31 | 38.2 img/s | lr 2.00e-04 | loss 8.5123 loss_ce 0.7211 loss_bbox 0.2123
         loss_giou 0.5012 loss_mask_prediction 0.0812 | peak mem 10234 MiB (GPU)        (one line)
     eval [ 20/125] eta 0:00:31 | 52.1 img/s
-    COCO box AP of 5000 images:
-        AP   AP50   AP75    APs    APm    APl
-      46.1   65.2   49.8   28.1   50.2   60.1
+    COCO box AP and AR of 5000 images, in percent:
+        AP   AP50   AP75    APs    APm    APl    AR1   AR10  AR100    ARs    ARm    ARl
+      46.1   65.2   49.8   28.1   50.2   60.1   35.9   57.0   61.2   41.4   65.3   77.8
 
 The losses are the weighted ones of the last decoder layer (the log.txt keys without a suffix), smoothed over
 the last steps (median of :class:`util.logger.SmoothedValue`'s window); ``loss_mask_prediction`` appears with
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 CONSOLE_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask_prediction")
 # The 12 numbers of a COCO box evaluation (``CocoEvaluator.stats``), in their order; the table shows the first 6.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-TABLE_STATS = 6
+PER_CLASS_FEW = 5  # the per-class table shows this many best and worst classes without --per_class
 
 
 @dataclass
@@ -97,13 +97,42 @@ def eval_line(progress: Progress) -> str:
     return f"eval {progress}"
 
 
+def _percent(value: float) -> str:
+    """A COCO stat in percent with one decimal; -1 (no ground truth of that kind) as ``-``."""
+    return "-" if value < 0 else f"{100 * value:.1f}"
+
+
 def ap_table(stats: Sequence[float], num_images: int) -> str:
-    """The first 6 COCO stats (AP, AP50, AP75, APs, APm, APl) of ``stats`` as a two-row table, in percent;
-    -1 (no ground truth of that kind) is shown as ``-``."""
-    names = COCO_STAT_NAMES[:TABLE_STATS]
-    values = ["-" if v < 0 else f"{100 * v:.1f}" for v in stats[:TABLE_STATS]]
-    return (f"COCO box AP of {num_images} images:\n" + " ".join(f"{n:>6}" for n in names) + "\n"
-            + " ".join(f"{v:>6}" for v in values))
+    """The 12 COCO stats (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) as a named two-row
+    table, in percent; -1 (no ground truth of that kind) is shown as ``-``."""
+    values = [_percent(v) for v in stats[:len(COCO_STAT_NAMES)]]
+    return (f"COCO box AP and AR of {num_images} images, in percent:\n"
+            + " ".join(f"{n:>6}" for n in COCO_STAT_NAMES) + "\n" + " ".join(f"{v:>6}" for v in values))
+
+
+def class_ap_table(rows: Sequence[Mapping], *, show_all: bool, few: int = PER_CLASS_FEW) -> str:
+    """Per-class AP and AP50 in percent (``rows``: ``datasets.coco_results.per_class_ap``), best first; classes
+    without ground truth (AP -1) last, as ``-``. ``show_all`` lists every class, else the ``few`` best and the
+    ``few`` worst (classes with ground truth), with a line saying how many are left out."""
+    ranked = sorted(rows, key=lambda r: (r["AP"] < 0, -r["AP"]))
+    if show_all or len(ranked) <= 2 * few:
+        shown: list = ranked
+        title = f"AP per class of {len(rows)} classes, in percent, best first:"
+    else:
+        scored = [r for r in ranked if r["AP"] >= 0]
+        worst = scored[max(few, len(scored) - few):]
+        shown = [*scored[:few], None, *worst]
+        title = (f"AP per class of {len(rows)} classes, in percent: the {few} best and the {len(worst)} worst "
+                 f"(--per_class lists all):")
+    width = max([5, *(len(str(r["name"])) for r in rows)])
+    lines = [title, f"  {'class':<{width}} {'AP':>6} {'AP50':>6} {'boxes':>6}"]
+    for row in shown:
+        if row is None:
+            lines.append(f"  ... {len(ranked) - len(shown) + 1} classes more ...")
+        else:
+            lines.append(f"  {str(row['name']):<{width}} {_percent(row['AP']):>6} {_percent(row['AP50']):>6} "
+                         f"{row['num_boxes']:>6}")
+    return "\n".join(lines)
 
 
 def log_progress(batches: Iterable, *, name: str, total: int, every: int, line: Callable[[Progress], str], done: int = 0,

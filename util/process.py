@@ -58,10 +58,12 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(rank, world_size, local_rank, owns_group=True, local_size=local_size)
 
 
-def setup_logging(ctx: DistContext) -> None:
-    """Root logging for the run: INFO on rank 0, WARNING elsewhere (a no-op where logging is configured)."""
+def setup_logging(ctx: DistContext, level: str = "INFO") -> None:
+    """Root logging for the run: ``level`` (``--log_level``) on rank 0, WARNING elsewhere (a no-op where logging
+    is configured)."""
     prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
-    logging.basicConfig(level=logging.INFO if ctx.rank == 0 else logging.WARNING,
+    level_number = logging.getLevelName(level)
+    logging.basicConfig(level=level_number if ctx.rank == 0 else max(level_number, logging.WARNING),
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
 
 
