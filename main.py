@@ -15,17 +15,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
-from model_config import (
-    FLAG_FIELDS,
-    PREPROCESSING_FIELDS,
-    adopt_stored_flags,
-    backbone_name,
-    config_script_flags,
-    explicit_flags,
-    read_stored_flags,
-)
+from model_config import adopt_checkpoint_flags, backbone_name, config_script_flags, explicit_flags
 from models.description import BACKBONES
 
 
@@ -428,7 +419,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate main.py's flags; a checkpoint to resume, evaluate or fine-tune supplies the model
-    flags left out (see :func:`adopt_checkpoint_flags`)."""
+    flags left out (``model_config.adopt_checkpoint_flags``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="main.py", parents=[get_args_parser()], formatter_class=HelpFormatter,
                                      description=__doc__.split("\n\n")[0])
@@ -442,28 +433,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     adopt_checkpoint_flags(args, explicit_flags(parser, argv))
     return validate_args(args)
-
-
-def adopt_checkpoint_flags(args: argparse.Namespace, given: set[str]) -> None:
-    """With ``--resume`` (or ``--eval``), the model flags not in ``given`` take the checkpoint's stored values and
-    a given one that cannot load its weights is refused; with ``--finetune``, the architecture flags (not the
-    sizes) do, and every override is allowed (only the tensors that fit are loaded). Nothing happens for a
-    checkpoint that stores no model, or a path that does not exist yet (``--resume auto`` of a fresh run)."""
-    from util.errors import InputError
-    if args.resume:
-        path = Path(args.output_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
-        fields, strict = FLAG_FIELDS, True
-    else:
-        path = Path(args.finetune) if args.finetune else None
-        fields, strict = tuple(f for f in FLAG_FIELDS if f not in PREPROCESSING_FIELDS), False
-    if path is None or not path.is_file():
-        return
-    try:
-        stored = read_stored_flags(path, trust=args.trust_checkpoint)
-        if stored is not None:
-            adopt_stored_flags(args, stored, given, source=path, strict=strict, fields=fields)
-    except InputError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 def main(args: argparse.Namespace) -> None:

@@ -134,3 +134,24 @@ def adopt_stored_flags(args: argparse.Namespace, stored: Mapping[str, Any], give
         raise InputError(f"{source} cannot be loaded with {', '.join(f'--{n} {c}' for n, c, _ in refused)}: its weights "
                          f"were trained with {', '.join(f'--{n} {v}' for n, _, v in refused)}; drop those flags (the "
                          "checkpoint supplies them), or use --finetune to load only the tensors that fit")
+
+
+def adopt_checkpoint_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """With ``--resume`` (or ``--eval``), the model flags not in ``given`` take the checkpoint's stored values and
+    a given one that cannot load its weights is refused; with ``--finetune``, the architecture flags (not the
+    sizes) do, and every override is allowed (only the tensors that fit are loaded). Nothing happens for a
+    checkpoint that stores no model, or a path that does not exist yet (``--resume auto`` of a fresh run)."""
+    resume = Path(args.output_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
+    if args.resume and resume.is_file():
+        path, fields, strict = resume, FLAG_FIELDS, True
+    elif args.finetune and Path(args.finetune).is_file():  # also --resume auto of a fresh run
+        path, strict = Path(args.finetune), False
+        fields = tuple(f for f in FLAG_FIELDS if f not in PREPROCESSING_FIELDS)
+    else:
+        return
+    try:
+        stored = read_stored_flags(path, trust=args.trust_checkpoint)
+        if stored is not None:
+            adopt_stored_flags(args, stored, given, source=path, strict=strict, fields=fields)
+    except InputError as err:  # main.py's flag errors are SystemExits
+        raise SystemExit(f"error: {err}") from None
