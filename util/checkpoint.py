@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import uuid
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -22,7 +23,6 @@ from util.misc import all_gather_object, is_main_process
 from util.process import DistContext, capture_rng_state
 
 logger = logging.getLogger(__name__)
-
 
 
 class CheckpointMismatchError(InputError, RuntimeError):
@@ -96,6 +96,7 @@ def torch_load(path: Path, *, trust: bool = False) -> Any:
     """``torch.load`` of ``path`` on the CPU that runs no code from the file: only tensors, plain Python values
     and :data:`CHECKPOINT_GLOBALS` are unpickled (``weights_only``). Anything else raises
     :class:`UntrustedCheckpointError`; ``trust=True`` (``--trust_checkpoint``) loads it anyway, with a warning."""
+    check_zip_sizes(path)
     if trust:
         logger.warning("--trust_checkpoint: unpickling %s without restriction; a checkpoint file can carry code "
                        "that runs as it loads, so use this only for files from a source you trust", path)
@@ -113,6 +114,32 @@ def torch_load(path: Path, *, trust: bool = False) -> Any:
             "--trust_checkpoint (tools/predict.py takes it too).") from None
 
 
+# torch.save stores its zip entries uncompressed: together they take about the file's size. A file whose entries
+# claim more than this many times its size (plus a little, for tiny files) was rewritten with compression;
+# DEFLATE turns a few MB of zeros into GBs, which torch.load would allocate before anything could check them.
+MAX_INFLATION = 4
+INFLATION_SLACK = 2**20
+
+
+def check_zip_sizes(path: Path) -> None:
+    """Raise InputError, before anything is read from ``path``, when its zip entries claim implausibly more bytes
+    than the file holds (a compressed "zip bomb"). Legacy (non-zip) checkpoints pass: they are not compressed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip archive (a legacy pickle), or damaged: torch.load says which
+    size = path.stat().st_size
+    claimed = sum(entry.file_size for entry in entries)
+    if claimed > MAX_INFLATION * size + INFLATION_SLACK:
+        largest = max(entries, key=lambda entry: entry.file_size)
+        raise InputError(
+            f"{path} was refused: its zip entries claim {claimed / 2**20:.0f} MiB in a {size / 2**20:.1f} MiB file "
+            f"(e.g. {largest.filename!r}: {largest.file_size / 2**20:.0f} MiB stored in "
+            f"{largest.compress_size / 2**20:.2f} MiB), while torch.save stores them uncompressed; loading it could "
+            "exhaust the memory. Use an unmodified copy of the checkpoint (as torch.save wrote it).")
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """Read a checkpoint on the CPU (ours or an official one: a dict with at least ``model``) with
     :func:`torch_load`."""
@@ -122,7 +149,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     try:
         checkpoint = torch_load(path, trust=trust)
-    except UntrustedCheckpointError:
+    except InputError:  # refused (untrusted pickle, implausible sizes), not damaged
         raise
     except Exception as error:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
         raise unreadable_checkpoint_error(path, error) from error
@@ -131,7 +158,36 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         checkpoint = {"model": dict(checkpoint)}  # a bare state dict
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise InputError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
+    check_checkpoint_contents(checkpoint, path)
     return dict(checkpoint)
+
+
+def _describe(value: Any) -> str:
+    """``None``, ``a list``, ``a str ('abc...')``: what a checkpoint entry holds, for an error message."""
+    if value is None:
+        return "None"
+    text = f"a {type(value).__name__}"
+    return f"{text} ({value[:20]!r})" if isinstance(value, str) else text
+
+
+def check_checkpoint_contents(checkpoint: Mapping[str, Any], path: Path) -> None:
+    """Raise InputError when ``model`` (or ``model_ema``) is not a state dict (names -> tensors), or ``args`` is
+    neither the run's flags (a Namespace or dict) nor absent: whatever wrote the file, it is not a checkpoint of
+    a model."""
+    for key in ("model", "model_ema"):
+        value = checkpoint.get(key)
+        if key == "model_ema" and value is None:
+            continue
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                     for k, v in value.items()):
+            raise InputError(f"{path} is not a usable checkpoint: its {key!r} holds {_describe(value)}, not a state "
+                             "dict (parameter names -> tensors). Was it written by torch.save(model.state_dict()) "
+                             "or this project's training?")
+    stored_args = checkpoint.get("args")
+    if stored_args is not None and not isinstance(stored_args, (argparse.Namespace, Mapping)):
+        raise InputError(f"{path} is not a usable checkpoint: its 'args' holds {_describe(stored_args)}, not the "
+                         "run's flags (an argparse.Namespace or a dict). Give the model flags yourself instead "
+                         "(tools: after --, or a configs/*.sh script) from a copy of the file without 'args'.")
 
 
 def unreadable_checkpoint_error(path: Path, error: Exception) -> InputError:
@@ -153,19 +209,19 @@ def remove_unfinished_writes(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def model_state(checkpoint: Mapping[str, Any], weights: str = "raw", *, source: str | Path = "the checkpoint"
-                ) -> dict[str, Tensor]:
+def model_state(checkpoint: Mapping[str, Any], weights: str = "raw", *, source: str | Path = "the checkpoint",
+                flag: str = "--weights") -> dict[str, Tensor]:
     """The state dict of ``checkpoint`` to load: its trained weights (``weights="raw"``, ``model``) or their
     moving average (``"ema"``, ``model_ema``, written by runs with ``--ema_decay``; same keys). Raises InputError
-    when the checkpoint holds no average (e.g. an official checkpoint) or ``weights`` is neither."""
+    when the checkpoint holds no average (e.g. an official checkpoint) or ``weights`` is neither; ``flag`` is the
+    caller's option that chooses (``--weights`` in the tools, ``--eval_weights`` in main.py), named in the error."""
     if weights not in ("raw", "ema"):
         raise InputError(f"weights={weights!r}: choose raw (the trained weights) or ema (their moving average)")
     if weights == "raw":
         return checkpoint["model"]
     if checkpoint.get("model_ema") is None:
         raise InputError(f"{source} holds no moving average of the weights (no 'model_ema': the run was trained "
-                         "without --ema_decay, or it is an official checkpoint); use its raw weights "
-                         "(--eval_weights raw)")
+                         f"without --ema_decay, or it is an official checkpoint); use its raw weights ({flag} raw)")
     return checkpoint["model_ema"]
 
 
@@ -253,17 +309,29 @@ def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], sourc
                 "in the file)", len(fitting), len(own), source, len(reshaped), len(missing))
 
 
+def newest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """``output_dir/checkpoint.pth`` when present, else the numbered ``checkpoint{epoch:04}.pth`` of the latest
+    epoch (e.g. a folder whose checkpoint.pth was lost or moved), else None."""
+    latest = output_dir / "checkpoint.pth"
+    if latest.is_file():
+        return latest
+    numbered = sorted(p for p in output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth") if p.is_file())
+    return numbered[-1] if numbered else None
+
+
 def resolve_resume(resume: str, output_dir: str, *, eval_only: bool = False) -> Optional[Path]:
-    """The checkpoint to resume from: ``--resume PATH``, or with ``--resume auto`` the output folder's
-    ``checkpoint.pth`` when present (None, to start fresh, otherwise; an error with ``eval_only``)."""
+    """The checkpoint to resume from: ``--resume PATH``, or with ``--resume auto`` the output folder's newest
+    checkpoint (:func:`newest_checkpoint`) when present (None, to start fresh, otherwise; an error with
+    ``eval_only``)."""
     if not resume:
         return None
     if resume != "auto":
         return Path(resume)
     candidate = Path(output_dir) / "checkpoint.pth"
-    if candidate.is_file():
-        logger.info("--resume auto: resuming from %s", candidate)
-        return candidate
+    found = newest_checkpoint(Path(output_dir))
+    if found is not None:
+        logger.info("--resume auto: resuming from %s", found)
+        return found
     if eval_only:
         raise FileNotFoundError(f"--eval --resume auto: no checkpoint at {candidate}")
     logger.info("--resume auto: no checkpoint at %s, starting a fresh run", candidate)
@@ -304,6 +372,25 @@ def set_lr_drop(lr_scheduler: torch.optim.lr_scheduler.StepLR, lr_drop: int) -> 
     for group, base_lr in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs):
         group["lr"] = base_lr * factor
     lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
+
+
+def check_optimizer_groups(saved: Any, optimizer: torch.optim.Optimizer, source: str | Path) -> None:
+    """Raise InputError, naming ``--finetune``, when the saved optimizer state ``saved`` has another number of
+    parameter groups than ``optimizer`` (DETR's reference writes 2, ours 3) or another number of parameters in
+    a group, or is not an optimizer state at all: ``load_state_dict`` would fail with a bare ValueError."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    fix = ("To keep the weights and restart the optimizer, use --finetune with this checkpoint instead of --resume "
+           "(in a new --output_dir).")
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise InputError(f"the optimizer state of {source} is not one torch wrote (no list of parameter groups). {fix}")
+    saved_sizes = [len(group["params"]) for group in groups]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise InputError(f"the optimizer state of {source} does not fit this run: it has {len(saved_sizes)} parameter "
+                         f"groups of {saved_sizes} tensors, this run's optimizer {len(sizes)} of {sizes} (another "
+                         "model, flags such as --lr_backbone 0 that freeze parameters, or another training code, e.g. "
+                         f"DETR's reference with 2 groups, wrote it). {fix}")
 
 
 def check_optimizer_state_fits(optimizer: torch.optim.Optimizer, source: str | Path) -> None:
@@ -355,6 +442,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim
                        "at epoch %d", source, start_epoch)
         return TrainState(start_epoch)
     current_lrs = [group["lr"] for group in optimizer.param_groups]
+    check_optimizer_groups(checkpoint["optimizer"], optimizer, source)
     optimizer.load_state_dict(checkpoint["optimizer"])
     check_optimizer_state_fits(optimizer, source)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
