@@ -238,8 +238,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "holding other objects than weights and settings); a checkpoint can carry code that then "
                         "runs: only for files from a source you trust")
     g.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --output_dir that holds one: its files are moved aside into "
-                        "<output_dir>/overwritten-<time>/, not deleted")
+                   help="start a fresh run (or continue another folder's --resume PATH) in an --output_dir that "
+                        "holds one: its files are moved aside into <output_dir>/overwritten-<time>/, not deleted")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
     g.add_argument("--eval_weights", default="raw", choices=("raw", "ema"),
