@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from datasets.coco_eval import CocoEvaluator
 from datasets.coco_results import per_class_ap
 from util.checkpoint import EpochProgress
-from util.console import Progress, TrainReport, ap_table, class_ap_table, eval_line, log_progress
+from util.console import Progress, RunPace, TrainReport, ap_table, class_ap_table, eval_line, log_progress
 from util.ema import ModelEMA
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import get_world_size, reduce_dict
@@ -188,7 +188,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     log_every: int = 50, *, progress: Optional[EpochProgress] = None,
                     stop: Optional[StopRequest] = None, max_nonfinite: int = 10,
                     on_report: Optional[Callable[[int, TrainReport], None]] = None,
-                    ema: Optional[ModelEMA] = None) -> EpochResult:
+                    ema: Optional[ModelEMA] = None, run_pace: Optional[RunPace] = None) -> EpochResult:
     """Train ``model`` on the batches of ``data_loader`` (see :func:`train_step`): those of epoch ``epoch``
     after the ``progress.step`` already done, whose averages ``progress`` carries on.
 
@@ -200,7 +200,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     the weights in after every step the optimiser applied.
 
     Every ``log_every`` steps it logs a progress line (util/console.py) and hands its report to ``on_report``
-    with the number of steps done since epoch 0 (e.g. to TensorBoard).
+    with the number of steps done since epoch 0 (e.g. to TensorBoard); with ``run_pace`` the line shows the whole
+    run's ETA too.
     """
     model.train()
     criterion.train()
@@ -214,7 +215,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     stopped, problem = None, ""
 
     def report_line(at: Progress) -> str:
-        report = TrainReport.now(epoch, at, lr=optimizer.param_groups[0]["lr"], smoothed=metrics.medians())
+        run_eta = None if run_pace is None else run_pace.eta_s(epoch * num_steps + at.step)
+        report = TrainReport.now(epoch, at, lr=optimizer.param_groups[0]["lr"], smoothed=metrics.medians(),
+                                 run_eta_s=run_eta)
         if on_report is not None:
             on_report(epoch * num_steps + at.step, report)
         return report.line()

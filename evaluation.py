@@ -36,7 +36,7 @@ def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, criterion: n
     file too). Returns the ``test_*``
     (``test_ema_*``) stats; none for a split without ground truth (``--eval_split test-dev``)."""
     checkpoint = load_checkpoint(resume_path, trust=args.trust_checkpoint)
-    weights = model_state(checkpoint, args.eval_weights, source=resume_path)
+    weights = model_state(checkpoint, args.eval_weights, source=resume_path, flag="--eval_weights")
     load_weights_strict(model, {**checkpoint, "model": weights}, resume_path, current_flags=vars(args),
                         built_as=f"--model {args.model}")
     scored = args.eval_split == "val"

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
+from pathlib import Path
 
 from model_config import adopt_checkpoint_flags, backbone_name, config_script_flags, explicit_flags
 from models.description import BACKBONES
@@ -239,8 +241,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "holding other objects than weights and settings); a checkpoint can carry code that then "
                         "runs: only for files from a source you trust")
     g.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --output_dir that holds one: its files are moved aside into "
-                        "<output_dir>/overwritten-<time>/, not deleted")
+                   help="start a fresh run (or continue another folder's --resume PATH) in an --output_dir that "
+                        "holds one: its files are moved aside into <output_dir>/overwritten-<time>/, not deleted")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
     g.add_argument("--eval_weights", default="raw", choices=("raw", "ema"),
@@ -287,6 +289,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     errors = []
+    errors += [f"--{flag} must be a finite number, got {value}" for flag, value in vars(args).items()
+               if isinstance(value, float) and not math.isfinite(value)]
     if args.model != "deformable":
         errors += [f"--{flag} belongs to the Deformable DETR family: drop it or use --model deformable"
                    for flag in DEFORMABLE_ONLY_FLAGS if getattr(args, flag)]
@@ -363,9 +367,17 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         errors.append("--resume auto looks for <output_dir>/checkpoint.pth: add --output_dir")
     if args.finetune and args.resume not in ("", "auto"):
         errors.append("--finetune and --resume PATH both load weights: keep one (--resume restores a whole run)")
-    if args.overwrite and (args.resume or args.eval or not args.output_dir):
-        errors.append("--overwrite starts a fresh training run in --output_dir: it goes with --output_dir, without "
-                      "--resume or --eval")
+    if args.overwrite and (args.resume == "auto" or args.eval or not args.output_dir):
+        errors.append("--overwrite starts a fresh training run in --output_dir (or one that continues another "
+                      "folder's --resume PATH): it goes with --output_dir, without --resume auto or --eval")
+    elif args.overwrite and args.resume and Path(args.resume).resolve().parent == Path(args.output_dir).resolve():
+        errors.append(f"--overwrite would move aside {args.resume}, the checkpoint --resume continues: drop "
+                      "--overwrite to continue the folder's run")
+    if args.start_epoch < 0:
+        errors.append(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    elif not args.eval and args.start_epoch >= args.epochs:
+        errors.append(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: no epoch would train; "
+                      f"raise --epochs (the last epoch trained is --epochs - 1)")
     if args.tensorboard and args.eval:
         errors.append("--tensorboard logs training runs: drop it with --eval")
     elif args.tensorboard and not args.output_dir:
@@ -396,7 +408,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if importlib.util.find_spec("faster_coco_eval") is None:
             errors.append("--eval_backend faster_coco_eval needs the faster-coco-eval package: pip install "
                           "faster-coco-eval, or drop the flag (pycocotools)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        errors.append(f"--device {args.device}: use cuda, cuda:N (a GPU's index) or cpu"
+                      + (f" (lower case: --device {args.device.lower()})" if args.device.lower() in ("cpu", "cuda")
+                         else ""))
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
         errors.append(f"--device {args.device}: CUDA is not available here (no GPU, or a CPU-only PyTorch); use "
                       "--device cpu")
     if errors:
@@ -415,6 +431,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def start_warnings(args: argparse.Namespace) -> list[str]:
+    """Flags that are valid together but probably not what the user wants; logged at start-up (``runner.run``)."""
+    warnings = []
+    if not args.output_dir and not args.eval:
+        warnings.append("no --output_dir: this run saves nothing (no checkpoint, no log.txt); add --output_dir DIR "
+                        "to keep its results")
+    if (args.backbone_from_scratch and args.backbone in RESNET_NAMES and args.backbone_norm == "frozen"
+            and args.lr_backbone > 0):
+        warnings.append(f"--backbone_from_scratch with --backbone_norm frozen: the frozen BatchNorms of a random "
+                        f"{args.backbone} are identities, so its trained layers (--lr_backbone {args.lr_backbone:g}) "
+                        "cannot normalise their activations; add --backbone_norm batch")
+    return warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -442,7 +472,7 @@ def main(args: argparse.Namespace) -> None:
     from util.errors import InputError
     from util.process import TrainingStopped
     try:
-        run(args)
+        run(args, warnings=start_warnings(args))
     except (FileNotFoundError, InputError) as err:
         raise SystemExit(f"error: {err}") from None
     except TrainingStopped as stop:

@@ -59,10 +59,13 @@ from util.checkpoint import (
 from util.ema import start_ema
 from util.errors import InputError
 from util.misc import any_process, collate_fn, is_main_process
-from util.run_dir import RunLock, claim_output_dir
+from util.console import RunPace
+from util.run_dir import CONSOLE_LOG, RunLock, claim_output_dir
 from util.process import (
     DistContext,
     StopRequest,
+    check_same_flags,
+    console_copy,
     deterministic_algorithms,
     ignore_stop_signals,
     init_distributed,
@@ -213,14 +216,16 @@ def wrap_distributed(model: nn.Module, criterion: nn.Module, dataset, *, batch_s
 # The main program
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, warnings: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or with ``--eval`` evaluate) as ``main.py`` describes; returns the last epoch's log record
     (``train_*``, ``test_*``, with ``--ema_decay`` ``test_ema_*``, ``epoch``, ``n_parameters``), or the
     ``test_*`` stats with ``--eval`` (``test_ema_*`` with ``--eval_weights ema``). Raises
     :class:`TrainingStopped` after a stop signal and :class:`NonFiniteLossError` (``epochs.py``; see the module
-    docstring)."""
+    docstring). ``warnings`` (``main.start_warnings``) are logged once logging is set up, by rank 0."""
     ctx = init_distributed(args.device)
     setup_logging(ctx, args.log_level)
+    for warning in warnings if ctx.rank == 0 else ():
+        logger.warning("%s", warning)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(deterministic_algorithms(args.deterministic))
@@ -230,12 +235,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def claim_output_dir_on_rank0(output_dir: Path, *, resuming: bool, overwrite: bool) -> Optional[RunLock]:
+def claim_output_dir_on_rank0(output_dir: Path, *, resume_from: Optional[Path], overwrite: bool) -> Optional[RunLock]:
     """``util.run_dir.claim_output_dir`` on rank 0; every process raises its error (the others a short one)."""
     lock, problem = None, None
     if is_main_process():
         try:
-            lock = claim_output_dir(output_dir, resuming=resuming, overwrite=overwrite)
+            lock = claim_output_dir(output_dir, resume_from=resume_from, overwrite=overwrite)
         except InputError as error:
             problem = error
     if any_process(problem is not None):
@@ -259,13 +264,15 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
     device = resolve_device(args.device, ctx)
     if device.type == "cpu" and keep_freed_memory():
         logger.info("CPU run: freed memory is kept for reuse (faster; the process keeps its peak size)")
+    check_same_flags(vars(args))
     seed_everything(args.seed + ctx.rank)
     output_dir = Path(args.output_dir) if args.output_dir and not args.eval else None
     resume_path = resolve_resume(args.resume, args.output_dir, eval_only=args.eval)
     if output_dir is not None:
-        lock = claim_output_dir_on_rank0(output_dir, resuming=resume_path is not None, overwrite=args.overwrite)
+        lock = claim_output_dir_on_rank0(output_dir, resume_from=resume_path, overwrite=args.overwrite)
         if lock is not None:
             stack.callback(lock.release)
+            stack.enter_context(console_copy(output_dir / CONSOLE_LOG, ctx))
     # A resumed checkpoint replaces every weight: no need to fetch the backbone's ImageNet weights.
     model, criterion, postprocessors = build_model(args, load_backbone_weights=resume_path is None)
     model.to(device)
@@ -341,6 +348,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
                               dataset_val=dataset_val, device=device)
 
     start_time = time.time()
+    run_pace = RunPace(args.epochs * loader_train.batch_sampler.batches_per_epoch(), steps_at_start=steps_done)
     progress = state.progress
     with StopRequest() as stop:
         validation = Validation(model, criterion, postprocessors, loader_val, base_ds, device, amp_dtype,
@@ -363,7 +371,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
             loader_train.batch_sampler.set_epoch(epoch, progress.step)
             result = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                      scaler, amp_dtype, args.log_every, progress=progress, stop=stop,
-                                     max_nonfinite=args.max_nonfinite, ema=ema,
+                                     max_nonfinite=args.max_nonfinite, ema=ema, run_pace=run_pace,
                                      on_report=tensorboard.step if tensorboard is not None else None)
             if not result.complete:
                 saved = save(epoch, progress=result.progress)

@@ -141,9 +141,9 @@ class CocoDetection(Dataset):
         num_listed = len(dataset["images"])
         report_findings(clean_annotations(dataset, self.img_folder, images_only=images_only), self.ann_file,
                         strict_data)
-        if not dataset["images"]:
-            raise InputError(f"no images to use: {self.ann_file} lists {num_listed} images and none of them is "
-                             f"in {self.img_folder} ({LAYOUT_HELP})")
+        problem = no_images_problem(dataset, num_listed, self.ann_file, self.img_folder)
+        if problem:
+            raise InputError(problem)
         check_category_ids(dataset, num_classes, self.ann_file)
         self.coco = coco_from_dict(dataset)
         self.num_classes = num_classes
@@ -244,6 +244,17 @@ class CocoDetection(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def no_images_problem(dataset: dict, num_listed: int, ann_file: Path, img_folder: Path) -> Optional[str]:
+    """Why a cleaned ``dataset`` (which listed ``num_listed`` images) leaves no image to train on or evaluate, or
+    None (shared with tools/check_dataset.py, so that both refuse the same splits)."""
+    if dataset["images"]:
+        return None
+    if num_listed == 0:
+        return (f'no images to use: {ann_file} lists none (its "images" list is empty); every split, val too, '
+                "needs at least one image")
+    return f"no images to use: {ann_file} lists {num_listed} images and none of them is in {img_folder} ({LAYOUT_HELP})"
 
 
 def split_paths(coco_path: str | Path, image_set: str) -> tuple[Path, Path]:

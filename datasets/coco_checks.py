@@ -5,8 +5,9 @@ Two kinds of problem:
 * the file is not COCO (not JSON, lists or fields missing, repeated ids, annotations of unlisted images):
   :func:`read_annotation_file` raises :class:`~util.errors.InputError` naming the problem and the format;
 * fixable problems, each kind one :class:`Finding` (:func:`clean_annotations`): images missing on disk and
-  boxes that are not 4 finite numbers are dropped, missing "area"/"iscrowd" filled in, odd boxes, crowd-only
-  images and file names in another Unicode normalisation reported (training clips boxes or leaves them out,
+  boxes that are not 4 finite numbers are dropped, missing "area"/"iscrowd" (and areas of 0) filled in,
+  repeated categories dropped, annotation ids from 0 renumbered for COCO evaluation, odd boxes, crowd-only
+  images, repeated image files and file names in another Unicode normalisation reported (training clips boxes or leaves them out,
   as the reference does). :func:`report_findings` logs each kind
   once with a count; ``strict_data`` turns the dropping ones into errors.
 
@@ -239,13 +240,65 @@ def drop_malformed_boxes(dataset: dict) -> list[Finding]:
 
 
 def fill_missing_areas(dataset: dict) -> list[Finding]:
-    """Set a missing or invalid "area" (not a number >= 0) to the bbox's width x height; COCO evaluation needs
-    it to sort objects into small, medium and large. Call after :func:`drop_malformed_boxes`."""
+    """Set a missing or invalid "area" (not a number >= 0), or an area of 0 on a box that is not empty, to the
+    bbox's width x height; COCO evaluation needs it to sort objects into small, medium and large (an area of 0
+    makes every object small). Call after :func:`drop_malformed_boxes`."""
     bad = [a for a in dataset["annotations"] if not (_is_finite_number(a.get("area")) and a["area"] >= 0)]
-    for ann in bad:
+    zero = [a for a in dataset["annotations"]
+            if _is_finite_number(a.get("area")) and a["area"] == 0 and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    for ann in bad + zero:
         ann["area"] = max(ann["bbox"][2], 0) * max(ann["bbox"][3], 0)
-    return make_findings('annotations without a valid "area"', bad, _annotation_name,
-                         "using the box's width x height (COCO evaluation uses it for small/medium/large)")
+    return [
+        *make_findings('annotations without a valid "area"', bad, _annotation_name,
+                       "using the box's width x height (COCO evaluation uses it for small/medium/large)"),
+        *make_findings('annotations with "area" 0 on a box that is not empty', zero,
+                       lambda a: f'{_annotation_name(a)}: bbox {_short_json(a["bbox"])}',
+                       "using the box's width x height (with 0, COCO evaluation would count every such object as "
+                       "small: APs too high, APm and APl wrong)"),
+    ]
+
+
+def renumber_annotation_ids(dataset: dict) -> list[Finding]:
+    """Number the annotations 1..N (in their order) when some "id" is 0 or negative: pycocotools' evaluation
+    stores the id of the matched ground truth and takes 0 for "no match" (a negative id lets a box be matched
+    twice), so a perfect detection of such an object would count as a false positive. Ids exist for the
+    evaluation alone; the file is left as it is. Call last: the other findings name the file's ids."""
+    bad = [_annotation_name(a) for a in dataset["annotations"] if a["id"] <= 0]
+    if bad:
+        for number, ann in enumerate(dataset["annotations"], 1):
+            ann["id"] = number
+    return make_findings('annotations whose "id" is 0 or negative', bad, str,
+                         f'all {len(dataset["annotations"])} annotations renumbered 1..N for COCO evaluation, which '
+                         "reads id 0 as \"no match\" (the file is unchanged; ids from 1 avoid this)")
+
+
+def duplicate_image_findings(dataset: dict) -> list[Finding]:
+    """Image files listed more than once under different ids: trained on once per listing, and each listing's
+    objects evaluated (counted) separately."""
+    ids_by_name: dict[str, list[int]] = {}
+    for image in dataset["images"]:
+        ids_by_name.setdefault(image["file_name"], []).append(image["id"])
+    repeated = [(name, ids) for name, ids in ids_by_name.items() if len(ids) > 1]
+    return make_findings('image files listed more than once under different ids (the same "file_name")', repeated,
+                         lambda item: f'{item[0]} (ids {", ".join(map(str, item[1]))})',
+                         "each listing is trained on and evaluated as an image of its own: its objects count twice; "
+                         'remove the repeated entries from "images" (and move their annotations)')
+
+
+def deduplicate_categories(dataset: dict) -> list[Finding]:
+    """Keep the first of the categories declared more than once with the same "id": COCO evaluation lists the
+    categories' ids, and would evaluate (and weigh in the mean AP) such a category once per declaration."""
+    first: dict[int, dict] = {}
+    repeats = []
+    for category in dataset["categories"]:
+        if category["id"] in first:
+            repeats.append(category)
+        else:
+            first[category["id"]] = category
+    dataset["categories"] = list(first.values())
+    return make_findings('categories declared more than once with the same "id"', repeats,
+                         lambda c: f'id {c["id"]}: {c.get("name", "?")!r} after {first[c["id"]].get("name", "?")!r}',
+                         "the first declaration is used (its name); remove the repeats from \"categories\"")
 
 
 def fill_missing_iscrowd(dataset: dict) -> list[Finding]:
@@ -323,16 +376,20 @@ def crowd_findings(dataset: dict) -> list[Finding]:
 
 def clean_annotations(dataset: dict, img_folder: Path, *, images_only: bool = False) -> list[Finding]:
     """Every fixable problem of a checked ``dataset`` (see :func:`read_annotation_file`), fixed in place:
-    missing images and malformed boxes dropped, "area"/"iscrowd" filled in. ``images_only`` (an image-info
-    file): no finding about images without boxes, which is what such a file is."""
+    missing images and malformed boxes dropped, "area"/"iscrowd" filled in, repeated categories dropped,
+    annotation ids from 0 renumbered; repeated image files reported. ``images_only`` (an image-info file): no
+    finding about images without boxes, which is what such a file is."""
     return [
         *drop_missing_images(dataset, img_folder),
+        *duplicate_image_findings(dataset),
+        *deduplicate_categories(dataset),
         *drop_malformed_boxes(dataset),
         *fill_missing_areas(dataset),
         *fill_missing_iscrowd(dataset),
         *([] if images_only else crowd_findings(dataset)),
         *box_geometry_findings(dataset),
         *undeclared_category_findings(dataset),
+        *renumber_annotation_ids(dataset),
     ]
 
 

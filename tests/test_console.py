@@ -142,7 +142,7 @@ def test_a_piped_run_prints_plain_readable_lines(piped_run):
     field = rf"{NUMBER}"
     assert len(progress) == 3  # after steps 1, 3 and 4 of 4
     for line in progress:
-        assert re.search(rf"epoch 0 \[\d/4\] eta \d+:\d\d:\d\d \| {field} img/s \| lr 2\.00e-04 \| loss {field} "
+        assert re.search(rf"epoch 0 \[\d/4\] eta \d+:\d\d:\d\d \| run eta \d+:\d\d:\d\d \| {field} img/s \| lr 2\.00e-04 \| loss {field} "
                          rf"loss_ce {field} loss_bbox {field} loss_giou {field} loss_mask_prediction {field} \| "
                          r"peak mem \d+ MiB \(RSS\)$", line), line
     assert re.search(r"eval \[2/2\] eta", piped_run)

@@ -84,15 +84,32 @@ def test_start_ema_restores_a_saved_average_or_starts_from_the_loaded_weights(ca
     saved = {k: v + 1 for k, v in model.state_dict().items()}
     ema = start_ema(model, 0.99, {"model": model.state_dict(), "model_ema": saved}, "ours.pth")
     assert all(torch.equal(ema.state_dict()[k], saved[k]) for k in saved)
-    assert start_ema(model, None, {"model": {}, "model_ema": saved}, "ours.pth") is None
-    assert "without --ema_decay it is not kept" in caplog.text
+
+
+def test_resuming_an_average_without_ema_decay_is_refused_naming_the_stored_decay():
+    """Issue 27, BAD 1: catches a resume without --ema_decay that drops the checkpoint's average (its next
+    checkpoint has no model_ema, log.txt no test_ema_*) with only an INFO line."""
+    model = Tiny()
+    saved = model.state_dict()
+    stored_args = parse_args(["--ema_decay", "0.9998"])
+    with pytest.raises(InputError) as info:
+        start_ema(model, None, {"model": saved, "model_ema": saved, "args": stored_args}, "ours.pth")
+    assert str(info.value).startswith("ours.pth holds a moving average of the weights (model_ema) that this run, "
+                                      "without --ema_decay, would drop from its next checkpoint: resume with "
+                                      "--ema_decay 0.9998 to keep it.")
+    with pytest.raises(InputError, match="resume with --ema_decay with its decay"):  # official-style: no args
+        start_ema(model, None, {"model": saved, "model_ema": saved}, "other.pth")
+    assert start_ema(model, None, {"model": saved}, "plain.pth") is None  # nothing to lose
 
 
 def test_model_state_chooses_the_weights_and_names_the_flag_when_there_is_no_average():
     raw, average = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
     assert ckpt.model_state({"model": raw, "model_ema": average}) is raw
     assert ckpt.model_state({"model": raw, "model_ema": average}, "ema") is average
-    with pytest.raises(InputError, match=r"official\.pth holds no moving average .*--ema_decay.*--eval_weights raw"):
+    with pytest.raises(InputError, match=r"official\.pth holds no moving average .*--ema_decay.*\(--eval_weights raw\)"):
+        ckpt.model_state({"model": raw}, "ema", source="official.pth", flag="--eval_weights")
+    # Issue 27: the tools' flag is --weights (the message named --eval_weights there too).
+    with pytest.raises(InputError, match=r"use its raw weights \(--weights raw\)$"):
         ckpt.model_state({"model": raw}, "ema", source="official.pth")
 
 
@@ -131,7 +148,7 @@ def test_eval_of_the_average_of_a_checkpoint_without_one_names_the_flag(coco_roo
     with pytest.raises(SystemExit) as info:
         main.main(args)
     assert str(info.value.code).startswith(f"error: {tmp_path / 'official.pth'} holds no moving average")
-    assert "--ema_decay" in str(info.value.code)
+    assert "--ema_decay" in str(info.value.code) and str(info.value.code).endswith("(--eval_weights raw)")
 
 
 def test_plot_logs_plots_the_average_when_asked(tmp_path):

@@ -187,8 +187,8 @@ def test_overwrite_moves_the_old_tensorboard_folder_aside(tmp_path):
     (tmp_path / "tb").mkdir()
     (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"old")
     with pytest.raises(InputError, match="already holds a run"):
-        claim_output_dir(tmp_path, resuming=False, overwrite=False)
-    claim_output_dir(tmp_path, resuming=False, overwrite=True).release()
+        claim_output_dir(tmp_path, resume_from=None, overwrite=False)
+    claim_output_dir(tmp_path, resume_from=None, overwrite=True).release()
     assert not (tmp_path / "tb").exists()
     (moved,) = tmp_path.glob("overwritten-*/tb/events.out.tfevents.1")
     assert moved.read_bytes() == b"old"

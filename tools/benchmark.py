@@ -365,6 +365,15 @@ def parse_model_benchmark_args(argv: list[str]) -> argparse.Namespace:
                              "each: e.g. --grad_checkpoint off on to compare their memory and time")
     parser.add_argument("--jsonl", default="", help="also append one JSON object per model to this file")
     opts = parser.parse_args(argv)
+    for flag in ("height", "width", "train_batch_size"):
+        if getattr(opts, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(opts, flag)}")
+    if min(opts.batch_sizes) < 1:
+        parser.error(f"--batch_sizes must be at least 1 each, got {' '.join(map(str, opts.batch_sizes))}")
+    for flag in ("warmup", "repeats", "threads"):
+        lowest = 1 if flag == "repeats" else 0
+        if getattr(opts, flag) is not None and getattr(opts, flag) < lowest:
+            parser.error(f"--{flag} must be at least {lowest}, got {getattr(opts, flag)}")
     gpu = torch.device(opts.device).type == "cuda"
     opts.warmup = (10 if gpu else 1) if opts.warmup is None else opts.warmup
     opts.repeats = (50 if gpu else 5) if opts.repeats is None else opts.repeats
@@ -428,9 +437,15 @@ def train_memory(argv: list[str]) -> None:
     print(json.dumps(memory))
 
 
+USAGE = "usage: python tools/benchmark.py {model,op} [options]  (--help after the command)"
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return
     if not argv or argv[0] not in ("model", "op", "train-memory"):
-        raise SystemExit("usage: python tools/benchmark.py {model,op} [options]  (--help after the command)")
+        raise SystemExit(USAGE)
     if argv[0] == "model":
         model_benchmark(argv[1:])
     elif argv[0] == "train-memory":  # run by ``model`` on CPU, one process per cell

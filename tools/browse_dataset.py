@@ -101,7 +101,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--coco_path", required=True, help="COCO-layout folder, as main.py's --coco_path")
     parser.add_argument("--split", default="train", choices=("train", "val"), help="which split and its transforms")
     parser.add_argument("--n", default=16, type=int, help="number of images")
-    parser.add_argument("--out", default="grid.png", help="PNG file to write")
+    parser.add_argument("--out", default="grid.png",
+                        help="image file to write: .png, or .jpg / .jpeg for JPEG; a name without an extension gets "
+                             ".png")
     parser.add_argument("--seed", default=42, type=int, help="picks the images; the augmentation is training's with "
                                                              "this --seed")
     parser.add_argument("--epoch", default=0, type=int, help="the augmentation is the one of this training epoch")
@@ -123,19 +125,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+# --out's extensions and the format written for each.
+OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def out_path(out: Path) -> tuple[Path, str]:
+    """``(file, PIL format)`` for ``--out``: its extension's format (a name without one gets .png); SystemExit for
+    a folder or another extension (the bytes would not match the name)."""
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a folder: give a file name, e.g. {out / 'grid.png'}")
+    if not out.suffix:
+        return out.with_name(out.name + ".png"), "PNG"
+    if out.suffix.lower() not in OUT_FORMATS:
+        raise SystemExit(f"error: --out {out}: unknown extension {out.suffix!r}; give a .png, .jpg or .jpeg file")
+    return out, OUT_FORMATS[out.suffix.lower()]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    out = Path(args.out)
-    if out.is_dir():
-        raise SystemExit(f"error: --out {out} is a folder: give a file name, e.g. {out / 'grid.png'}")
+    out, out_format = out_path(Path(args.out))
     try:
         dataset = build_coco(args.split, args)
     except (FileNotFoundError, InputError) as error:
         raise SystemExit(f"error: {error}") from None
     sheet = browse(dataset, count=args.n, seed=args.seed, epoch=args.epoch, cell=args.cell)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG", optimize=True)
+    sheet.convert("RGB").save(out, format=out_format, optimize=True)
     print(f"wrote {out} ({min(args.n, len(dataset))} {args.split} images after the {args.split} transforms)")
     return out
 

@@ -9,7 +9,8 @@ category, then each kind of problem with its count and first examples: the check
 PIL (unreadable files, sizes that differ from the JSON's "width"/"height", EXIF rotations, 16-bit or float
 pixels), negative category ids and, with --num_classes, category ids the classifier cannot predict.
 
-Exit status: 0 no problem, 1 problems found, 2 unusable input (missing folder or file, not COCO).
+Exit status: 0 no problem, 1 problems found, 2 unusable input (missing folder or file, not COCO, no image to use:
+what main.py refuses).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.coco import check_split_paths, split_paths  # noqa: E402
+from datasets.coco import check_split_paths, no_images_problem, split_paths  # noqa: E402
 from datasets.coco_checks import (  # noqa: E402
     Finding, clean_annotations, make_findings, negative_category_problem, num_classes_for, num_classes_problem,
     read_annotation_file,
@@ -66,6 +67,7 @@ def split_report(coco_path: str, split: str, num_classes: Optional[int]) -> tupl
     names = {c["id"]: c.get("name", "?") for c in dataset["categories"]}
     per_category = Counter(a["category_id"] for a in dataset["annotations"])
     annotated = {a["image_id"] for a in dataset["annotations"]}
+    num_listed = len(dataset["images"])
     lines = [
         f"{split}: {ann_file} (images in {img_folder})",
         f"  images: {len(dataset['images'])}, without annotations: {len(dataset['images']) - len(annotated)}",
@@ -75,6 +77,9 @@ def split_report(coco_path: str, split: str, num_classes: Optional[int]) -> tupl
         f"  suggested --num_classes: {num_classes_for(dataset)}",
     ]
     problems = [str(finding) for finding in clean_annotations(dataset, img_folder)]
+    unusable = no_images_problem(dataset, num_listed, ann_file, img_folder)
+    if unusable:  # main.py refuses the split
+        raise InputError(unusable)
     problems += [str(finding) for finding in image_findings(dataset, img_folder)]
     problems += [problem for problem in (
         negative_category_problem(dataset, ann_file),

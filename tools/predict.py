@@ -13,7 +13,8 @@ Images go through the validation transform (shorter side ``--size``, longer at m
 of ``--batch_size``. ``DIR/detections.json`` lists every detection scoring at least ``--threshold`` as
 ``{"image_id", "file_name", "category_id", "bbox": [x, y, w, h], "score"}`` in the original image's pixels
 (``--threshold 0`` keeps all of them, e.g. for COCO evaluation); ``image_id`` is the image's id in the
-``--categories`` annotation file when it lists the file, else its position in the input (from 1).
+``--categories`` annotation file when it lists the file name, else a fresh id above every id of that file (without
+``--categories``: the position in the input, from 1); ids are unique, and the fresh ones are printed.
 ``DIR/<image name>.png`` draws the same detections with class names: COCO's for 91-class models, those of
 ``--categories`` (a COCO-format annotation JSON) when given, the category ids otherwise.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -131,6 +133,27 @@ def image_detections(dets: Mapping[str, torch.Tensor], image: PIL.Image.Image, f
     return sorted(image_dets, key=lambda d: -d["score"])
 
 
+def assign_image_ids(images: Sequence[Path], annotations: Optional[Mapping[str, Any]]
+                     ) -> tuple[list[int], list[tuple[str, int]]]:
+    """``(ids, fresh)``: a unique id per image of ``images``, and ``(file name, id)`` of those given a fresh one.
+
+    An image whose file name the annotation file ``annotations`` lists (``--categories``) gets that entry's id,
+    once (a second input of the same name gets a fresh id); the others get fresh ids, counting up from above
+    every id in the file (from 1 without one, i.e. the image's position when nothing is listed)."""
+    listed = {Path(str(i.get("file_name", ""))).name: i["id"] for i in (annotations or {}).get("images", [])
+              if isinstance(i, Mapping) and isinstance(i.get("id"), int)}
+    next_id = max(listed.values(), default=0) + 1
+    ids: list[int] = []
+    fresh: list[tuple[str, int]] = []
+    for path in images:
+        image_id = listed.get(path.name)
+        if image_id is None or image_id in ids:
+            image_id, next_id = next_id, next_id + 1
+            fresh.append((path.name, image_id))
+        ids.append(image_id)
+    return ids, fresh
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     model_flags: list[str] = []
@@ -161,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device {args.device}: use cuda, cuda:N (a GPU's index) or cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.device == "cpu":
@@ -181,7 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     except (FileNotFoundError, InputError) as err:
         raise SystemExit(str(err)) from None
     names = detector.class_names
-    image_ids = {Path(i["file_name"]).name: i["id"] for i in (annotations or {}).get("images", [])}
+    image_ids, fresh_ids = assign_image_ids(images, annotations)
+    if annotations is not None and fresh_ids:
+        shown = ", ".join(f"{name} {image_id}" for name, image_id in fresh_ids[:10])
+        print(f"{len(fresh_ids)} images are not listed in --categories {args.categories} (or repeat a listed name): "
+              f"given new ids {shown}{' ...' if len(fresh_ids) > 10 else ''}")
     out_dir.mkdir(parents=True, exist_ok=True)
     png_paths = _png_paths(images, out_dir)
 
@@ -195,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         for (index, image), dets in zip(batch, batch_dets):
             position = start + index
             name = images[position].name
-            image_dets = image_detections(dets, image, name, image_ids.get(name, position + 1), args.threshold)
+            image_dets = image_detections(dets, image, name, image_ids[position], args.threshold)
             draw_detections(image, image_dets, names, png_paths[position])
             results += image_dets
     if len(skipped) == len(images):

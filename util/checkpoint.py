@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from util.checkpoint_checks import check_checkpoint_contents, check_optimizer_groups, check_zip_sizes
 from util.errors import InputError
 from util.misc import all_gather_object, is_main_process
 from util.process import DistContext, capture_rng_state
 
 logger = logging.getLogger(__name__)
-
 
 
 class CheckpointMismatchError(InputError, RuntimeError):
@@ -96,6 +96,7 @@ def torch_load(path: Path, *, trust: bool = False, mmap: bool = False) -> Any:
     """``torch.load`` of ``path`` on the CPU that runs no code from the file: only tensors, plain Python values
     and :data:`CHECKPOINT_GLOBALS` are unpickled (``weights_only``). Anything else raises
     :class:`UntrustedCheckpointError`; ``trust=True`` (``--trust_checkpoint``) loads it anyway, with a warning."""
+    check_zip_sizes(path)
     if trust:
         logger.warning("--trust_checkpoint: unpickling %s without restriction; a checkpoint file can carry code "
                        "that runs as it loads, so use this only for files from a source you trust", path)
@@ -122,7 +123,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     try:
         checkpoint = torch_load(path, trust=trust)
-    except UntrustedCheckpointError:
+    except InputError:  # refused (untrusted pickle, implausible sizes), not damaged
         raise
     except Exception as error:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
         raise unreadable_checkpoint_error(path, error) from error
@@ -131,6 +132,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         checkpoint = {"model": dict(checkpoint)}  # a bare state dict
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise InputError(f"{path} is not a checkpoint: expected a dict with the model's state dict under 'model'")
+    check_checkpoint_contents(checkpoint, path)
     return dict(checkpoint)
 
 
@@ -168,19 +170,19 @@ def remove_unfinished_writes(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def model_state(checkpoint: Mapping[str, Any], weights: str = "raw", *, source: str | Path = "the checkpoint"
-                ) -> dict[str, Tensor]:
+def model_state(checkpoint: Mapping[str, Any], weights: str = "raw", *, source: str | Path = "the checkpoint",
+                flag: str = "--weights") -> dict[str, Tensor]:
     """The state dict of ``checkpoint`` to load: its trained weights (``weights="raw"``, ``model``) or their
     moving average (``"ema"``, ``model_ema``, written by runs with ``--ema_decay``; same keys). Raises InputError
-    when the checkpoint holds no average (e.g. an official checkpoint) or ``weights`` is neither."""
+    when the checkpoint holds no average (e.g. an official checkpoint) or ``weights`` is neither; ``flag`` is the
+    caller's option that chooses (``--weights`` in the tools, ``--eval_weights`` in main.py), named in the error."""
     if weights not in ("raw", "ema"):
         raise InputError(f"weights={weights!r}: choose raw (the trained weights) or ema (their moving average)")
     if weights == "raw":
         return checkpoint["model"]
     if checkpoint.get("model_ema") is None:
         raise InputError(f"{source} holds no moving average of the weights (no 'model_ema': the run was trained "
-                         "without --ema_decay, or it is an official checkpoint); use its raw weights "
-                         "(--eval_weights raw)")
+                         f"without --ema_decay, or it is an official checkpoint); use its raw weights ({flag} raw)")
     return checkpoint["model_ema"]
 
 
@@ -268,17 +270,29 @@ def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], sourc
                 "in the file)", len(fitting), len(own), source, len(reshaped), len(missing))
 
 
+def newest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """``output_dir/checkpoint.pth`` when present, else the numbered ``checkpoint{epoch:04}.pth`` of the latest
+    epoch (e.g. a folder whose checkpoint.pth was lost or moved), else None."""
+    latest = output_dir / "checkpoint.pth"
+    if latest.is_file():
+        return latest
+    numbered = sorted(p for p in output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth") if p.is_file())
+    return numbered[-1] if numbered else None
+
+
 def resolve_resume(resume: str, output_dir: str, *, eval_only: bool = False) -> Optional[Path]:
-    """The checkpoint to resume from: ``--resume PATH``, or with ``--resume auto`` the output folder's
-    ``checkpoint.pth`` when present (None, to start fresh, otherwise; an error with ``eval_only``)."""
+    """The checkpoint to resume from: ``--resume PATH``, or with ``--resume auto`` the output folder's newest
+    checkpoint (:func:`newest_checkpoint`) when present (None, to start fresh, otherwise; an error with
+    ``eval_only``)."""
     if not resume:
         return None
     if resume != "auto":
         return Path(resume)
     candidate = Path(output_dir) / "checkpoint.pth"
-    if candidate.is_file():
-        logger.info("--resume auto: resuming from %s", candidate)
-        return candidate
+    found = newest_checkpoint(Path(output_dir))
+    if found is not None:
+        logger.info("--resume auto: resuming from %s", found)
+        return found
     if eval_only:
         raise FileNotFoundError(f"--eval --resume auto: no checkpoint at {candidate}")
     logger.info("--resume auto: no checkpoint at %s, starting a fresh run", candidate)
@@ -370,6 +384,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim
                        "at epoch %d", source, start_epoch)
         return TrainState(start_epoch)
     current_lrs = [group["lr"] for group in optimizer.param_groups]
+    check_optimizer_groups(checkpoint["optimizer"], optimizer, source)
     optimizer.load_state_dict(checkpoint["optimizer"])
     check_optimizer_state_fits(optimizer, source)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])

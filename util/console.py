@@ -1,14 +1,15 @@
 """What a run prints: one progress line every ``--log_every`` steps of training and evaluation, and the
 tables that end an evaluation (the 12 COCO stats, the AP per class), all in percent.
 
-    epoch 3 [ 250/1000] eta 0:12:31 | 38.2 img/s | lr 2.00e-04 | loss 8.5123 loss_ce 0.7211 loss_bbox 0.2123
-        loss_giou 0.5012 loss_mask_prediction 0.0812 | peak mem 10234 MiB (GPU)        (one line)
+    epoch 3 [ 250/1000] eta 0:12:31 | run eta 5:40:12 | 38.2 img/s | lr 2.00e-04 | loss 8.5123 loss_ce 0.7211
+        loss_bbox 0.2123 loss_giou 0.5012 loss_mask_prediction 0.0812 | peak mem 10234 MiB (GPU)   (one line)
     eval [ 20/125] eta 0:00:31 | 52.1 img/s
     COCO box AP and AR of 5000 images, in percent:
         AP   AP50   AP75    APs    APm    APl    AR1   AR10  AR100    ARs    ARm    ARl
       46.1   65.2   49.8   28.1   50.2   60.1   35.9   57.0   61.2   41.4   65.3   77.8
 
-The losses are the weighted ones of the last decoder layer (the log.txt keys without a suffix), smoothed over
+``eta`` is the epoch's, ``run eta`` the whole run's (to the end of the last epoch, at the pace of this process
+since it started, evaluations included: :class:`RunPace`). The losses are the weighted ones of the last decoder layer (the log.txt keys without a suffix), smoothed over
 the last steps (median of :class:`util.logger.SmoothedValue`'s window); ``loss_mask_prediction`` appears with
 Sparse DETR (``--rho`` > 0) alone. log.txt keeps every metric. Lines go through :mod:`logging` as plain lines,
 each ending in a newline, on a terminal too: Slurm logs and CI get no carriage-return updates. Under torchrun
@@ -19,8 +20,8 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -51,6 +52,24 @@ class Progress:
                 f"{self.images_per_s:.1f} img/s")
 
 
+@dataclass
+class RunPace:
+    """The whole run's pace: ``total_steps`` training steps in the run (every epoch), ``steps_at_start`` of them
+    done when this process started (a resume), at ``start`` (``time.perf_counter()``)."""
+    total_steps: int
+    steps_at_start: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def eta_s(self, steps_done: int, now: Optional[float] = None) -> Optional[float]:
+        """Seconds to the end of the run after ``steps_done`` steps (counted from epoch 0), at the pace since
+        ``start`` (evaluations included); None before this process did a step."""
+        done_here = steps_done - self.steps_at_start
+        if done_here <= 0:
+            return None
+        elapsed = (time.perf_counter() if now is None else now) - self.start
+        return elapsed / done_here * max(self.total_steps - steps_done, 0)
+
+
 def peak_memory() -> tuple[float, str]:
     """``(MiB, source)``: the peak CUDA memory allocated by tensors on the current device once CUDA is in use,
     else the process's peak resident set size (``"RSS"``)."""
@@ -75,15 +94,22 @@ class TrainReport:
     losses: dict[str, float]
     peak_mib: float
     peak_source: str
+    run_eta_s: Optional[float] = None
 
     @classmethod
-    def now(cls, epoch: int, progress: Progress, *, lr: float, smoothed: Mapping[str, float]) -> "TrainReport":
-        """The report at this point; ``smoothed``: the run's metric values by log.txt key."""
-        return cls(epoch, progress, lr, console_losses(smoothed), *peak_memory())
+    def now(cls, epoch: int, progress: Progress, *, lr: float, smoothed: Mapping[str, float],
+            run_eta_s: Optional[float] = None) -> "TrainReport":
+        """The report at this point; ``smoothed``: the run's metric values by log.txt key; ``run_eta_s``: the
+        whole run's ETA (:class:`RunPace`), None to leave it out."""
+        return cls(epoch, progress, lr, console_losses(smoothed), *peak_memory(), run_eta_s=run_eta_s)
 
     def line(self) -> str:
         losses = " ".join(f"{name} {value:.4f}" for name, value in self.losses.items())
-        return (f"epoch {self.epoch} {self.progress} | lr {self.lr:.2e} | {losses} | peak mem {self.peak_mib:.0f} "
+        progress = str(self.progress)
+        if self.run_eta_s is not None:  # after the epoch's eta, before the images per second
+            epoch_part, speed = progress.rsplit(" | ", 1)
+            progress = f"{epoch_part} | run eta {datetime.timedelta(seconds=int(self.run_eta_s))} | {speed}"
+        return (f"epoch {self.epoch} {progress} | lr {self.lr:.2e} | {losses} | peak mem {self.peak_mib:.0f} "
                 f"MiB ({self.peak_source})")
 
     def scalars(self) -> dict[str, float]:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from util.checkpoint import strip_ddp_prefix
+from util.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,19 @@ def start_ema(model: nn.Module, decay: Optional[float], checkpoint: Optional[Map
               source: Optional[str | Path] = None) -> Optional[ModelEMA]:
     """The moving average of a run with ``--ema_decay decay`` (None without it): restored from the resumed
     ``checkpoint``'s ``model_ema`` when it holds one, otherwise started from ``model``'s weights as loaded (logged
-    when the checkpoint, e.g. an official one or a run without --ema_decay, holds none)."""
+    when the checkpoint, e.g. an official one or a run without --ema_decay, holds none).
+
+    Resuming a checkpoint that holds an average without ``--ema_decay`` raises InputError naming the decay it was
+    trained with: the run's next checkpoint would silently lose the average and log.txt its ``test_ema_*``."""
     saved = None if checkpoint is None else checkpoint.get("model_ema")
     if decay is None:
         if saved is not None:
-            logger.info("%s holds a moving average of the weights (model_ema); without --ema_decay it is not kept",
-                        source)
+            stored = getattr(checkpoint.get("args"), "ema_decay", None)
+            flag = f"--ema_decay {stored:g}" if isinstance(stored, float) else "--ema_decay with its decay"
+            raise InputError(f"{source} holds a moving average of the weights (model_ema) that this run, without "
+                             f"--ema_decay, would drop from its next checkpoint: resume with {flag} to keep it. To "
+                             f"continue without it, start a new run from its weights: --finetune {source} with a new "
+                             "--output_dir.")
         return None
     ema = ModelEMA(model, decay)
     if saved is not None:

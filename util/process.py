@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import os
 import random
@@ -12,13 +13,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from util.misc import any_process
+from util.errors import InputError
+from util.misc import all_gather_object, any_process
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +60,72 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(rank, world_size, local_rank, owns_group=True, local_size=local_size)
 
 
+# Flags that may differ between the processes of a run: where each node keeps the data, its loader processes.
+NODE_LOCAL_FLAGS = ("coco_path", "num_workers")
+
+
+def differing_flags(per_rank: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One ``"--epochs is 3 on rank 0 but 5 on rank 1"`` per flag whose value differs among ``per_rank`` (each
+    process's flags, by rank), in rank 0's order."""
+    names = list(dict.fromkeys(name for flags in per_rank for name in flags))
+    problems = []
+    for name in names:
+        values = [flags.get(name, "(absent)") for flags in per_rank]
+        if all(value == values[0] for value in values):
+            continue
+        others: dict[str, list[int]] = {}
+        for rank, value in enumerate(values):
+            if value != values[0]:
+                others.setdefault(repr(value), []).append(rank)
+        where = "; ".join(f"{value} on rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}"
+                          for value, ranks in others.items())
+        problems.append(f"--{name} is {values[0]!r} on rank 0 but {where}")
+    return problems
+
+
+def check_same_flags(flags: Mapping[str, Any]) -> None:
+    """Under torchrun, raise InputError on every process when the processes were started with different flags
+    (other than :data:`NODE_LOCAL_FLAGS`), naming them: otherwise different models end in DDP's shape errors
+    and different epoch counts in a hang or "Connection closed". One digest per process is compared; the flags
+    themselves are gathered only when the digests differ. A no-op in a single process."""
+    compared = {name: value for name, value in flags.items() if name not in NODE_LOCAL_FLAGS}
+    digest = hashlib.sha256(repr(sorted(compared.items())).encode()).hexdigest()
+    if len(set(all_gather_object(digest))) <= 1:
+        return
+    problems = differing_flags(all_gather_object(compared))
+    shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+    raise InputError(f"the processes of this run were started with different flags: {shown}. Start every node "
+                     "(every process) with the same command")
+
+
+def log_format(ctx: DistContext) -> str:
+    """The format of the run's log lines (console and train.log): time, [rank] under torchrun, level, logger."""
+    prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
+    return f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
+
+
 def setup_logging(ctx: DistContext, level: str = "INFO") -> None:
     """Root logging for the run: ``level`` (``--log_level``) on rank 0, WARNING elsewhere (a no-op where logging
     is configured)."""
-    prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
     level_number = logging.getLevelName(level)
     logging.basicConfig(level=level_number if ctx.rank == 0 else max(level_number, logging.WARNING),
-                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+                        format=log_format(ctx))
+
+
+@contextlib.contextmanager
+def console_copy(path: os.PathLike, ctx: DistContext) -> Iterator[None]:
+    """Append the run's log lines at INFO and above (what rank 0's console shows) to ``path`` as well, until the
+    block ends: the console survives a closed terminal. Appends, so that a resumed run continues the file."""
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(log_format(ctx)))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def resolve_device(device_name: str, ctx: DistContext) -> torch.device:

@@ -1,9 +1,11 @@
 """The output folder of a run: checked at start-up, never silently reused, held by one run at a time.
 
-    claim_output_dir(path, resuming=..., overwrite=...)   -> RunLock (held until released or the process ends)
+    claim_output_dir(path, resume_from=..., overwrite=...)   -> RunLock (held until released or the process ends)
 
-- A folder that already holds a run (a checkpoint or log.txt) is refused unless the run resumes it, or
-  ``--overwrite`` moves its files aside into ``overwritten-<time>/`` (nothing is deleted).
+- A folder that already holds a run (a checkpoint or log.txt) is refused unless the run resumes one of its own
+  checkpoints, or ``--overwrite`` moves its files (and its console log train.log) aside into
+  ``overwritten-<time>/`` (nothing is deleted). Resuming another folder's checkpoint into it is refused too:
+  log.txt would mix two models' records.
 - A folder that cannot be written is refused before any training.
 - The lock is an ``flock`` on ``<output_dir>/.lock``, which the kernel drops when the process ends however it
   ends: a killed run never leaves a stale lock that blocks ``--resume auto`` (only a stale file, harmless). The
@@ -26,6 +28,7 @@ from util.errors import InputError
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+CONSOLE_LOG = "train.log"  # the console's lines (runner.py); moved aside with the run, but alone it is no run
 
 
 def run_files(output_dir: Path) -> list[Path]:
@@ -111,26 +114,46 @@ def move_aside(output_dir: Path, files: list[Path]) -> Path:
     return folder
 
 
-def claim_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool) -> RunLock:
+def is_own_checkpoint(output_dir: Path, resume_from: Optional[Path]) -> bool:
+    """Whether ``resume_from`` is a file directly in ``output_dir`` (one of that folder's checkpoints)."""
+    return resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+
+
+def claim_output_dir(output_dir: Path, *, resume_from: Optional[Path], overwrite: bool) -> RunLock:
     """Check, lock and prepare ``output_dir`` for a training run (rank 0 alone calls it).
 
-    ``resuming``: this run continues a checkpoint (``--resume``), so the folder may hold a run. Otherwise a
-    folder holding one is refused, unless ``overwrite`` moves its files aside.
+    ``resume_from``: the checkpoint this run continues (``--resume``), or None. A folder holding a run is taken
+    when ``resume_from`` is one of its own checkpoints; otherwise it is refused, unless ``overwrite`` moves its
+    files aside.
     """
     check_writable(output_dir)
     lock = RunLock(output_dir).acquire()
     try:
         existing = run_files(output_dir)
-        if existing and not resuming:
+        if existing and not is_own_checkpoint(output_dir, resume_from):
             names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
             if not overwrite:
-                raise InputError(f"--output_dir {output_dir} already holds a run ({names}): continue it with "
-                                 "--resume auto, choose a new --output_dir, or start over with --overwrite (which "
-                                 "moves the old files aside, deleting nothing)")
-            # The run's config.json goes with it (alone it does not make a run: a start that died writes it).
-            folder = move_aside(output_dir, [*existing, *output_dir.glob("config.json")])
+                raise InputError(held_run_problem(output_dir, existing, names, resume_from))
+            # The run's config.json and console log go with it (alone they do not make a run: a start that died
+            # writes them).
+            existing += [p for p in [*output_dir.glob("config.json"), *output_dir.glob(CONSOLE_LOG)] if p.is_file()]
+            folder = move_aside(output_dir, existing)
             logger.warning("--overwrite: moved the previous run's %d files (%s) into %s", len(existing), names, folder)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def held_run_problem(output_dir: Path, existing: list[Path], names: str, resume_from: Optional[Path]) -> str:
+    """Why a run may not use ``output_dir``, which holds the run files ``existing`` (``names``), and the fixes."""
+    overwrite = "start over with --overwrite (which moves the old files aside, deleting nothing)"
+    if resume_from is not None:
+        return (f"--output_dir {output_dir} already holds another run ({names}), and --resume {resume_from} is not "
+                f"one of its checkpoints: its log.txt would mix two runs' records. Continue {resume_from} in a new "
+                f"--output_dir, continue the folder's own run with --resume auto, or {overwrite}")
+    if not any(p.name.startswith("checkpoint") for p in existing):
+        return (f"--output_dir {output_dir} already holds a run ({names}) but no checkpoint to continue it from: "
+                f"choose a new --output_dir, or {overwrite}")
+    return (f"--output_dir {output_dir} already holds a run ({names}): continue it with --resume auto, choose a new "
+            f"--output_dir, or {overwrite}")
