@@ -13,7 +13,6 @@ from models import build_model
 from util import checkpoint as ckpt
 
 from test_engine import coco_root, read_log, tiny_args, train_stats  # noqa: F401 (coco_root: a fixture)
-from tiny_flags import ENGINE_TINY as TINY
 
 
 def load(path):
