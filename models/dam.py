@@ -49,12 +49,14 @@ def attention_map_to_token_grid(spatial_shapes: Tensor, level_start_index: Tenso
 def topk_token_targets(attention_map: Tensor, padding_mask: Tensor, counts: Tensor) -> Tensor:
     """Binary targets [B, S]: 1 on the ``counts[i]`` tokens of image i with the largest DAM.
 
-    Padding tokens never count (they are pushed below every valid token first). Counts above S
-    (rho = 1 gives valid + 1) select every token.
+    Padding tokens never count: they are pushed below every valid token first (below the minimum, with which
+    a valid token could tie), and each image takes at most its number of valid tokens (rho = 1 gives counts of
+    valid + 1, which would otherwise reach into the padding): every valid token, then.
     """
     attention_map = attention_map.masked_fill(padding_mask, attention_map.min() - 1)
     num_topk = min(int(counts.max()), attention_map.shape[1])
     topk_index = torch.topk(attention_map, num_topk, dim=1)[1]
+    counts = torch.minimum(counts, (~padding_mask).sum(1))
     within_count = torch.arange(num_topk, device=counts.device)[None] < counts[:, None]
     return torch.zeros_like(attention_map).scatter_(1, topk_index, within_count.to(attention_map.dtype))
 

@@ -52,3 +52,22 @@ def test_dam_coverage_overall_and_per_level():
     overall, level0, level1 = dam_coverage(torch.tensor([[0, 12]]), attention_map, SHAPES)
     assert overall.item() == pytest.approx(6 / 20)
     assert level0.item() == pytest.approx(1 / 10) and level1.item() == pytest.approx(5 / 10)
+
+
+def test_topk_targets_with_ties_at_the_minimum_never_take_padding():
+    """Catches padding filled with the map's minimum (not below it): where the valid minimum is 0 and an image's
+    count exceeds its non-zero tokens, padding then ties with valid zeros and can take their places. Padding
+    leads one row and trails the next, so that neither tie order saves the bug. The last row's count (valid + 2,
+    as rho = 1 gives valid + 1) exceeds its valid tokens: it takes those, no padding."""
+    attention_map = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.3, 0.0],
+                                  [0.2, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0],
+                                  [0.0, 0.7, 0.0, 0.0, 0.4, 0.0, 0.0, 0.0]])
+    padding = torch.tensor([[True, True, True, False, False, False, False, False],
+                            [False, False, False, False, False, True, True, True],
+                            [False, False, True, True, False, False, False, True]])
+    counts = torch.tensor([4, 3, 7], dtype=torch.int32)
+    targets = topk_token_targets(attention_map, padding, counts)
+    assert targets.sum(1).tolist() == [4, 3, 5]  # min(count, valid tokens): 5 valid in each row
+    assert not targets[padding].any()
+    assert (targets[attention_map > 0] == 1).all()  # the non-zero tokens first
+    assert targets[2].tolist() == [1, 1, 0, 0, 1, 1, 1, 0]

@@ -237,6 +237,18 @@ def test_normalize_gives_cxcywh():
     assert empty["boxes"].shape == (0, 4)
 
 
+def test_val_transform_of_a_constant_colour_is_the_imagenet_normalisation_by_hand():
+    """Catches the mean or std in BGR order (or another channel order, or constants of another dataset): a
+    constant (R, G, B) = (10, 200, 30) image gives (c / 255 - mean_c) / std_c per channel, written out here with
+    ImageNet's RGB mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)."""
+    image = Image.new("RGB", (40, 24), (10, 200, 30))
+    tensor, _ = T.make_coco_transforms("val", val_size=24, max_size=40)(image, None)
+    assert tensor.shape == (3, 24, 40)
+    expected = [(10 / 255 - 0.485) / 0.229, (200 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]
+    for channel, value in enumerate(expected):
+        torch.testing.assert_close(tensor[channel], torch.full((24, 40), value), rtol=0, atol=1e-6)
+
+
 def test_default_recipe_matches_reference():
     train = T.make_coco_transforms("train")
     flip, select, _ = train.transforms

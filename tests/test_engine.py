@@ -356,12 +356,13 @@ def test_resumed_schedule_follows_a_new_lr_drop():
 def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     """torchrun, 2 CPU processes (gloo): box refinement without auxiliary losses leaves the first decoder
     layer's heads unused, so DDP needs find_unused_parameters. The moving average (--ema_decay) follows the
-    unwrapped model: its keys have no DDP prefix."""
+    unwrapped model: its keys have no DDP prefix. Each rank draws from its own random stream (seeded with
+    --seed + rank): without dropout both draw alike, so equally seeded ranks would save equal states."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "main.py"), *TINY, "--coco_path", str(coco_root), "--with_box_refine", "--no_aux_loss",
-               "--dec_layers", "2", "--epochs", "1", "--ema_decay", "0.7", "--output_dir", str(out)]
+               "--dec_layers", "2", "--epochs", "1", "--ema_decay", "0.7", "--dropout", "0", "--output_dir", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "find_unused_parameters=True" in result.stderr
@@ -370,6 +371,7 @@ def test_two_process_run_with_unused_parameters(coco_root, tmp_path):
     assert len(line["test_coco_eval_bbox"]) == 12 and math.isfinite(line["train_loss"])
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert len(checkpoint["rng_state"]) == 2
+    assert not torch.equal(checkpoint["rng_state"][0]["torch"], checkpoint["rng_state"][1]["torch"])
     assert list(checkpoint["model_ema"]) == list(checkpoint["model"]) and len(line["test_ema_coco_eval_bbox"]) == 12
 
 

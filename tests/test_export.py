@@ -104,3 +104,53 @@ def test_verify_pairs_reordered_queries_but_not_different_ones():
     wrong[4, 1] += 0.5
     logits_diff, boxes_diff, _ = matched_differences(logits, boxes, wrong, boxes)
     assert abs(logits_diff - 0.5) < 1e-6 and boxes_diff == 0.0
+
+
+
+class StandIn(torch.nn.Module):
+    """A detector's outputs from a few operations (a real model's export takes a minute): ``pred_logits``
+    [B, 4, 3], ``pred_boxes`` [B, 4, 4] in (0, 1) and ``kept_counts`` [B] int32, all functions of the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(3, 12)  # no transformer: not two-stage, every image is compared
+        self.boxes = torch.nn.Linear(3, 16)
+
+    def forward(self, images, pixel_mask=None):
+        pooled = images.mean((2, 3))
+        return {"pred_logits": self.model(pooled).view(-1, 4, 3),
+                "pred_boxes": self.boxes(pooled).sigmoid().view(-1, 4, 4),
+                "kept_counts": (images[:, 0] > 0).sum((1, 2)).int()}
+
+
+class Disagreeing:
+    """``detector`` with one output changed after the forward: what verify_onnx compares the graph with."""
+
+    def __init__(self, detector, key, change):
+        self.detector, self.model, self.key, self.change = detector, detector.model, key, change
+
+    def __call__(self, *inputs):
+        out = dict(self.detector(*inputs))
+        out[self.key] = self.change(out[self.key])
+        return out
+
+
+def test_verify_refuses_a_graph_that_disagrees(tmp_path):
+    """Catches a verify_onnx that ignores the boxes, the logits or the kept counts (the export tests check its
+    verdict, not the numbers themselves): a saved graph, verified against its own module with the boxes shifted
+    by 1e-2, then the logits, then the kept counts plus one, is not ok each time; against the module as it is,
+    ok."""
+    from models.export import verify_onnx
+    torch.manual_seed(0)
+    stand_in = StandIn().eval()
+    path = tmp_path / "stand_in.onnx"
+    with torch.no_grad():
+        torch.onnx.export(stand_in, (torch.randn(1, 3, *EXPORT_SIZE),), dynamo=True, input_names=["images"],
+                          output_names=["pred_logits", "pred_boxes", "kept_counts"]).save(str(path))
+    sizes = [EXPORT_SIZE]
+    (record,) = verify_onnx(path, stand_in, sizes, threads=1)
+    assert record["ok"] and record["kept_counts"] == record["onnx_kept_counts"], record
+    for key, change in (("pred_boxes", lambda t: t + 1e-2), ("pred_logits", lambda t: t + 1e-2),
+                        ("kept_counts", lambda t: t + 1)):
+        (record,) = verify_onnx(path, Disagreeing(stand_in, key, change), sizes, threads=1)
+        assert not record["ok"], (key, record)

@@ -1,13 +1,14 @@
 """inference.py: the Detector API on every input kind, class names, config scripts and weight choice."""
 import json
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 from main import parse_args
 from models import build_model
-from inference import Detector
+from inference import Detector, to_pil
 from model_config import config_script_flags
 from tiny_flags import PREDICT_TINY as TINY
 from util.errors import InputError
@@ -117,3 +118,18 @@ def test_predict_weights_flag_reaches_the_model(checkpoint, image, tmp_path):
     with pytest.raises(SystemExit, match="holds no moving average"):
         predict.main(["--resume", str(checkpoint / "checkpoint.pth"), str(tmp_path / "a.png"), "--out",
                       str(tmp_path / "out_none"), "--device", "cpu", "--weights", "ema"])
+
+
+def test_float_images_off_the_8_bit_grid_are_rounded_not_truncated(checkpoint, image):
+    """Catches a float tensor truncated to 8 bits (``int(t * 255)``) instead of rounded: ``(x + 0.6) / 255`` must
+    give the detections of the uint8 image ``x + 1``, and a grey of 0.5 (127.5) the pixel 128."""
+    below_white = image.clamp(max=254)
+    floats = (below_white.float() + 0.6) / 255
+    rounded = below_white + 1
+    assert np.array_equal(np.asarray(to_pil(floats)), rounded.permute(1, 2, 0).numpy())
+    assert np.asarray(to_pil(torch.full((3, 2, 2), 0.5))).tolist() == [[[128] * 3] * 2] * 2
+    detector = Detector.from_checkpoint(checkpoint / "checkpoint.pth")
+    from_floats, from_rounded, from_truncated = detector([floats, rounded, below_white])
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(from_floats[key], from_rounded[key]), key
+    assert not torch.equal(from_floats["scores"], from_truncated["scores"])  # one level off changes them

@@ -66,6 +66,37 @@ def test_a_faulty_kernel_is_caught_and_the_process_falls_back(cpu_kernel, monkey
     assert implementation("cpu", torch.float64) == "kernel"  # the check off: the kernel is trusted
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_check_problem_has_points_exactly_on_the_border_pixels(dtype):
+    """Catches a self-check whose points never land exactly on -1, 0, H - 1 or H (W) in pixels, where a kernel's
+    inside test (``px >= -1`` against ``px > -1``) decides: on the 4x8 and 1x2 levels, every (x, y) pair of those
+    pixel coordinates occurs, exactly, in every dtype the kernels take."""
+    _, shapes, _, locations, _ = selfcheck.check_problem(torch.device("cpu"), dtype)
+    assert shapes.tolist()[1:] == [[4, 8], [1, 2]]
+    for level, (height, width) in ((1, (4, 8)), (2, (1, 2))):
+        xy = locations[:, :, :, level].float().reshape(-1, 2)
+        pixels = torch.stack([xy[:, 0] * width - 0.5, xy[:, 1] * height - 0.5], -1)
+        pairs = {(x, y) for x, y in pixels.tolist()}
+        assert {(x, y) for x in (-1.0, 0.0, width - 1.0, float(width))
+                for y in (-1.0, 0.0, height - 1.0, float(height))} <= pairs
+
+
+def test_a_kernel_that_drops_points_on_the_minus_one_border_fails_its_self_check(cpu_kernel, monkeypatch):
+    """A kernel that leaves out the points at pixel -1 (whose corner at 0 has weight 0 but a gradient), as
+    ``px > -1`` instead of ``>= -1`` in its inside test would: emulated by moving those points just outside."""
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    kernel = selfcheck.run_kernel
+
+    def border_dropped(value, shapes, starts, locations, weights):
+        sizes = shapes.flip(-1).view(1, 1, 1, -1, 1, 2).to(locations.dtype)  # (W, H) per level
+        on_minus_one = (locations * sizes - 0.5 == -1).any(-1, keepdim=True)
+        return kernel(value, shapes, starts, torch.where(on_minus_one, locations - 1 / sizes, locations), weights)
+
+    monkeypatch.setattr(selfcheck, "run_kernel", border_dropped)
+    difference, where = selfcheck.largest_difference(torch.device("cpu"), torch.float64)
+    assert difference > selfcheck.TOLERANCE[torch.float64] and where == "grad of locations"
+
+
 def builds_fail_for_lack_of(monkeypatch, prerequisite: str) -> None:
     """A process that has loaded and warned about nothing yet, where every kernel build lacks ``prerequisite``."""
     monkeypatch.setattr(_extension, "_status", {})
