@@ -122,7 +122,7 @@ def write_json(path: Path, obj: Any, *, indent: Optional[int] = 1) -> None:
 def save_eval_pth(path: Path, evaluator: CocoEvaluator) -> None:
     """The references' ``eval.pth``: ``torch.save`` of the pycocotools ``COCOeval.eval`` dict (``params``,
     ``counts``, ``date``, ``precision`` [T, R, K, A, M], ``recall`` [T, K, A, M], ``scores``), what their
-    plotting scripts read (it pickles a pycocotools ``Params``: ``torch.load(..., weights_only=False)``)."""
+    plotting scripts read (it pickles a pycocotools ``Params``, so reading it back needs an unrestricted load)."""
     evaluated = evaluator.coco_eval[evaluator.iou_types[0]].eval
     _write_atomically(Path(path), lambda f: torch.save(evaluated, f))
 

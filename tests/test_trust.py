@@ -50,9 +50,11 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_and_overwrite_moves_
     (aside,) = out.glob("overwritten-*")
     assert (aside / "checkpoint.pth").read_bytes() == checkpoint_bytes and (aside / "log.txt").read_text() == log
     assert [r["epoch"] for r in read_log(out)] == [0]  # one epoch-0 record: the new run's
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "config.json", "log.txt", aside.name,
-                                                     "train.log"]  # no .lock
-    assert (aside / "config.json").is_file()  # the old run's description went with its weights
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "config.json", "eval.json", "log.txt",
+                                                     aside.name, "train.log"]  # no .lock
+    # The old run's description, console and evaluation went with its weights.
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint.pth", "config.json", "eval.json", "log.txt",
+                                                       "train.log"]
 
 
 def test_overwrite_goes_with_a_fresh_training_run_only(coco_root, tmp_path):

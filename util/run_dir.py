@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 CONSOLE_LOG = "train.log"  # the console's lines (runner.py); moved aside with the run, but alone it is no run
+# What else a run writes: moved aside with it by --overwrite, but alone they make no run (a start that died
+# writes config.json and train.log).
+RUN_COMPANIONS = ("config.json", CONSOLE_LOG, "eval.json", "eval_ema.json")
 
 
 def run_files(output_dir: Path) -> list[Path]:
@@ -134,9 +137,7 @@ def claim_output_dir(output_dir: Path, *, resume_from: Optional[Path], overwrite
             names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
             if not overwrite:
                 raise InputError(held_run_problem(output_dir, existing, names, resume_from))
-            # The run's config.json and console log go with it (alone they do not make a run: a start that died
-            # writes them).
-            existing += [p for p in [*output_dir.glob("config.json"), *output_dir.glob(CONSOLE_LOG)] if p.is_file()]
+            existing += [output_dir / name for name in RUN_COMPANIONS if (output_dir / name).is_file()]
             folder = move_aside(output_dir, existing)
             logger.warning("--overwrite: moved the previous run's %d files (%s) into %s", len(existing), names, folder)
     except BaseException:
