@@ -182,6 +182,25 @@ MUTANTS = (
            "the kernels' inside test px > -1 instead of >= -1 (rebuilds the CPU kernel: a few minutes)",
            (("models/ops/csrc/ms_deform_attn_common.h", "px >= static_cast<T>(-1)", "px > static_cast<T>(-1)"),),
            ("tests/test_ms_deform_attn_selfcheck.py -k passes_its_self_check",)),
+    # Issue #25: the model description, and the API's input checks (issue #27).
+    Mutant("api_ignores_stored_sizes", "the API and the tools running at 800 px whatever the model was trained at",
+           (("inference.py", '_size("val_size", val_size, description.val_size)', '_size("val_size", val_size, 800)'),),
+           ("tests/test_model_description.py -k every_tool",)),
+    Mutant("stored_flags_not_adopted", "--eval --resume building the flags' default model, not the stored one",
+           (("model_config.py", "            setattr(args, name, value)\n            continue", "            continue"),),
+           ("tests/test_model_description.py -k needs_no_model_flags",)),
+    Mutant("impossible_override_not_refused", "a flag the stored weights cannot serve accepted with a warning",
+           (("model_config.py", "if strict and cannot_change(name, stored, current):", "if False:"),),
+           ("tests/test_model_description.py -k overrides",)),
+    Mutant("description_bounds_unchecked", "a stored description's counts and sizes trusted as they are",
+           (("models/description.py", "        if not low <= value <= high:", "        if False:"),),
+           ("tests/test_model_description.py -k absurd",)),
+    Mutant("class_names_not_stored", "checkpoints without the training set's class names",
+           (("runner.py", "categories=dataset_categories(dataset_val))", "categories=[])"),),
+           ("tests/test_model_description.py -k hold_the_description",)),
+    Mutant("float_tensor_clamped", "a float image tensor in 0-255 clamped to [0, 1] instead of refused",
+           (("inference.py", "or low < 0 or high > 1:", "and False:"),),
+           ("tests/test_inference_inputs.py -k float_tensor",)),
 )
 
 
