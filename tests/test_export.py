@@ -2,7 +2,11 @@
 onnxruntime matches PyTorch at sizes other than the export size; ties at Sparse DETR's top-rho boundary pass the
 check and planted errors fail it; the file's metadata round-trip; tools/onnx_predict.py preprocesses as the
 pipeline; bad input gives one-line errors."""
+import contextlib
+import io
 import json
+import logging
+import re
 
 import numpy as np
 import PIL.Image
@@ -37,9 +41,28 @@ def sparse_export(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sparse_export")
     categories = tmp_path / "categories.json"
     categories.write_text(json.dumps({"categories": [{"id": k, "name": v} for k, v in SPARSE_NAMES.items()]}))
-    out, records = export(tmp_path, "sparse_detr", "--with_mask", "--verify_batch", "2", "--categories",
-                          str(categories), "--opset", "17", model_flags=SPARSE_SIZE_RULE)
-    return out, records
+    noise = []  # what the exporter logs (onnxscript: a "Skipping constant folding" warning per Split)
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = noise.append
+    exporter_log = logging.getLogger("onnxscript")
+    exporter_log.addHandler(handler)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            out, records = export(tmp_path, "sparse_detr", "--with_mask", "--verify_batch", "2", "--categories",
+                                  str(categories), "--opset", "17", model_flags=SPARSE_SIZE_RULE)
+    finally:
+        exporter_log.removeHandler(handler)
+    return out, records, printed.getvalue(), noise
+
+
+def test_export_prints_its_steps_and_hides_the_exporters_noise(sparse_export):
+    """Catches: minutes of export without a word, or the exporter's warnings shown without --verbose."""
+    _, _, printed, noise = sparse_export
+    assert re.search(r"exporting at 96x128: trace\.\.\. [0-9.]+ s, convert\.\.\. [0-9.]+ s, optimize\.\.\. [0-9.]+ s, "
+                     r"write\.\.\. [0-9.]+ s\n", printed), printed
+    assert re.search(r"verified: .* at 3 sizes \([0-9.]+ s\)", printed), printed
+    assert noise == []
 
 
 @pytest.mark.parametrize("variant", [v for v in EXPORT_VARIANTS if v != "sparse_detr"])
@@ -58,7 +81,7 @@ def test_sparse_detr_kept_count_is_computed_in_the_graph(sparse_export):
     """Catches: Sparse DETR's kept-token count frozen at the export size (as int() in a trace does). Exported with
     a pixel mask and verified on padded batches of two: the count differs between sizes and between the two
     images of one batch (the padded one has fewer valid tokens), and equals PyTorch's everywhere."""
-    _, records = sparse_export
+    _, records, _, _ = sparse_export
     assert all(r["ok"] for r in records), records
     assert all("padded_logits_diff" in r for r in records)  # two-stage: padded images reported apart
     counts = [r["onnx_kept_counts"] for r in records]
@@ -213,7 +236,7 @@ def test_metadata_round_trips_through_onnxruntime(sparse_export):
     import onnxruntime
     from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
     from tools.onnx_predict import read_metadata
-    out, _ = sparse_export
+    out = sparse_export[0]
     metadata = read_metadata(onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]))
     assert metadata["class_names"] == SPARSE_NAMES and metadata["num_classes"] == 5
     assert (metadata["val_size"], metadata["max_size"]) == (96, 128)
@@ -241,7 +264,7 @@ def test_onnx_predict_matches_the_pytorch_api(sparse_export):
     (seed 0) in PyTorch (models/inference.py) and in onnxruntime (tools/onnx_predict.py) on a 103x75 image."""
     from models.inference import Detector
     from tools.onnx_predict import OnnxDetector, preprocess
-    out, _ = sparse_export
+    out = sparse_export[0]
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 103, 3), dtype=np.uint8))
     pytorch = Detector.from_flags(EXPORT_TINY + EXPORT_VARIANTS["sparse_detr"] + list(SPARSE_SIZE_RULE),
                                   categories={"categories": [{"id": k, "name": v} for k, v in SPARSE_NAMES.items()]})
