@@ -113,6 +113,23 @@ MUTANTS = (
     Mutant("ema_updated_on_skipped_steps", "the average updated after a step the fp16 scaler skipped",
            (("engine.py", "                    if ema is not None:  # a step", "                    pass\n                if ema is not None:  # a step"),),
            ("tests/test_ema.py -k applied_steps",)),
+    Mutant("onnx_predict_rounds", "tools/onnx_predict.py rounding the longer side where the pipeline truncates",
+           (("tools/onnx_predict.py", "out_h, out_w = size, int(size * width / height)",
+             "out_h, out_w = size, round(size * width / height)"),),
+           ("tests/test_export.py -k resize_is_the_pipelines",)),
+    Mutant("tie_boundary_best_token", "the top-rho boundary taken at the best kept token, not the last",
+           (("models/export_check.py", "boundary = scores[image, own[-1]]", "boundary = scores[image, own[0]]"),),
+           ("tests/test_export.py -k kept_token_differences_by_hand",)),
+    Mutant("verify_trusts_any_swap", "--verify accepting kept tokens swapped however far from the boundary",
+           (("models/export_check.py", "ok = gap <= 2 * tolerance", "ok = True"),),
+           ("tests/test_export.py -k wrong_op_in_the_exported_scoring_network",)),
+    Mutant("caption_cut_at_edge", "caption labels not moved inside the image at its right edge",
+           (("util/draw.py", "left = max(0, min(int(x0), width - 1 - label_w))", "left = int(x0)"),),
+           ("tests/test_predict_plot.py -k caption",)),
+    Mutant("kernel_built_in_checkout", "the kernel built from the checkout's csrc/ (build.ninja names the checkout)",
+           (("models/ops/_extension.py", '"sources": [str(sources / source) for source in _SOURCES[device_type]],',
+             '"sources": [str(CSRC / source) for source in _SOURCES[device_type]],'),),
+           ("tests/test_kernel_build_cache.py",)),
 )
 
 
