@@ -202,9 +202,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         raise SystemExit(f"error: {one_line(err)}") from None
     except PermissionError as err:
         raise SystemExit(f"error: --out {out}: {err.strerror}; choose a writable path") from None
+    names_note = (f"{len(detector.class_names)} class names" if detector.class_names
+                  else "no class names (--categories names them)")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, {time.perf_counter() - start:.0f} s): "
           f"inputs {', '.join(inputs)} (batch 1-64, H and W in [{low}, {MAX_SIDE}] px); outputs {', '.join(names)}; "
-          f"metadata: size rule {val_size}/{max_size}, {len(detector.class_names)} class names")
+          f"metadata: size rule {val_size}/{max_size}, {names_note}")
     if not args.verify:
         return []
     sizes = verify_sizes(args, own, export_size, low)
