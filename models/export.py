@@ -10,7 +10,12 @@ image's unpadded size: multiply x by its width and y by its height for pixels):
     pred_logits [B, Q, K] class logits, pred_boxes [B, Q, 4] (cx, cy, w, h);
     scores [B, N], labels [B, N] int64, boxes [B, N, 4] (x0, y0, x1, y1): the post-processed detections,
         N = 100 best (query, class) pairs for the Deformable DETR family, N = Q for DETR / SDETR;
-    kept_counts [B] int32 (Sparse DETR): the tokens each image's encoder updated.
+    kept_counts [B] int32 (Sparse DETR): how many tokens each image's encoder updated;
+    kept_tokens [B, K] int64 (Sparse DETR): which (flat indices over the levels, best first; K the batch's
+        largest count, image b's are its first kept_counts[b]).
+
+The file's ``metadata_props`` say how to feed it (:func:`onnx_metadata`: classes, size rule, mean and std,
+the model's arguments, rho, opset); ``tools/onnx_predict.py`` reads them.
 
 It is exported by ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` underneath): the multi-scale
 deformable attention takes its pure-PyTorch reference (``grid_sample``: the ONNX GridSample operator, opset
@@ -20,10 +25,14 @@ Python ints as constants: it froze the level sizes and the kept count at the exa
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import time
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +47,7 @@ MIN_OPSET = 16  # GridSample
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of logits and boxes, float32
 MAX_SIDE = 4096
 INPUT_NAMES = ("images", "pixel_mask")
+METADATA_VERSION = 1
 
 
 class OnnxDetector(nn.Module):
@@ -53,11 +63,15 @@ class OnnxDetector(nn.Module):
         """images [B, 3, H, W] normalised; pixel_mask [B, H, W] bool, True on padding (None: no padding)."""
         if pixel_mask is None:
             pixel_mask = torch.zeros_like(images[:, 0], dtype=torch.bool)
-        out = self.model(NestedTensor(images, pixel_mask))
+        return self.select_outputs(self.model(NestedTensor(images, pixel_mask)))
+
+    def select_outputs(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The graph's outputs (module docstring) of the model's output dict ``out``."""
         result = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
         result.update(self.postprocessor.select(out["pred_logits"], out["pred_boxes"]))
         if "sparse_token_nums" in out:
             result["kept_counts"] = out["sparse_token_nums"]
+            result["kept_tokens"] = out["backbone_topk_proposals"]
         return result
 
 
@@ -90,10 +104,14 @@ def output_names(detector: OnnxDetector, example: Tensor) -> list[str]:
 
 
 def export_onnx(detector: OnnxDetector, out: str | Path, *, example_size: tuple[int, int], opset: int = DEFAULT_OPSET,
-                with_mask: bool = False, seed: int = 0) -> list[str]:
+                with_mask: bool = False, seed: int = 0, metadata: Optional[Mapping[str, str]] = None,
+                progress: Optional[Progress] = None, verbose: bool = False) -> list[str]:
     """Write ``detector`` (in eval mode, on the CPU) to ``out`` as ONNX with dynamic batch, H and W (from
     :func:`min_side` to 4096 px); traced on a batch of two random images of ``example_size`` (H, W).
-    Returns the output names."""
+    ``metadata`` (see :func:`onnx_metadata`) is stored in the file's ``metadata_props``. ``progress(step,
+    seconds)`` is called as each step (trace, convert, optimize, write) starts (``seconds`` None) and ends.
+    The exporter's own messages (e.g. one "Skipping constant folding" warning per Split) are shown only with
+    ``verbose``. Returns the output names."""
     if opset < MIN_OPSET:
         raise InputError(f"--opset {opset}: the deformable attention needs GridSample, opset {MIN_OPSET} or later")
     low = min_side(detector.model)
@@ -113,102 +131,82 @@ def export_onnx(detector: OnnxDetector, out: str | Path, *, example_size: tuple[
         shapes += ({0: batch, 1: height, 2: width},)
     names = output_names(detector, images)
     detector.eval()
-    with torch.no_grad():
-        program = torch.onnx.export(detector, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                    input_names=list(INPUT_NAMES[:len(args)]), output_names=names,
-                                    verbose=False)
-    program.save(str(out))
+    step = _Steps(progress)
+    with torch.no_grad(), _exporter_messages(verbose):
+        with step("trace"):
+            exported = torch.export.export(detector, args, dynamic_shapes=shapes)
+        with step("convert"):
+            program = torch.onnx.export(exported, args, dynamo=True, opset_version=opset, optimize=False,
+                                        input_names=list(INPUT_NAMES[:len(args)]), output_names=names,
+                                        verbose=verbose)
+        with step("optimize"):
+            program.optimize()
+    with step("write"):
+        program.model.metadata_props.update(metadata or {})
+        program.save(str(out))
     return names
 
 
-def verify_onnx(path: str | Path, detector: OnnxDetector, sizes: Sequence[tuple[int, int]], *,
-                tolerance: float = DEFAULT_TOLERANCE, batch: int = 1, with_mask: bool = False, threads: int = 0,
-                seed: int = 1) -> list[dict]:
-    """Run the ONNX file in onnxruntime (CPU) and ``detector`` in PyTorch on random normalised images of each
-    (H, W) in ``sizes`` (``batch`` images each; with ``with_mask`` the images after the first are padded: their
-    bottom and right quarter are masked). Returns one record per size: ``size``, ``logits_diff``,
-    ``boxes_diff`` (max abs differences of each query and its counterpart, see :func:`matched_differences`),
-    ``reordered_queries``, the kept counts of both (Sparse DETR) and ``ok`` (diffs within ``tolerance`` and
-    equal kept counts).
-
-    Two-stage models rank every token's proposal, padding included, as the reference does; all padding
-    tokens score alike, and where that score reaches the top (random weights) the tie is broken differently
-    by PyTorch and onnxruntime. Their padded images are therefore left out of the diffs (reported as
-    ``padded_logits_diff``); the kept counts of every image are still compared."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-    names = [o.name for o in session.get_outputs()]
-    generator = torch.Generator().manual_seed(seed)
-    records = []
-    for h, w in sizes:
-        images = torch.randn(batch, 3, h, w, generator=generator)
-        mask = torch.zeros(batch, h, w, dtype=torch.bool)
-        if with_mask and batch > 1:
-            mask[1:, 3 * h // 4:] = True
-            mask[1:, :, 3 * w // 4:] = True
-            images = images.masked_fill(mask[:, None], 0.0)
-        feed = {"images": images.numpy()}
-        if "pixel_mask" in inputs:
-            feed["pixel_mask"] = mask.numpy()
-        with torch.no_grad():
-            expected = detector(images, mask if "pixel_mask" in inputs else None)
-        got = dict(zip(names, session.run(None, feed)))
-        diffs = [matched_differences(expected["pred_logits"][i], expected["pred_boxes"][i],
-                                     torch.from_numpy(got["pred_logits"][i]), torch.from_numpy(got["pred_boxes"][i]))
-                 for i in range(batch)]
-        strict = ~mask.flatten(1).any(1) if two_stage(detector.model) else torch.ones(batch, dtype=torch.bool)
-        held = [d for d, keep in zip(diffs, strict.tolist()) if keep]
-        record = {"size": (h, w), "logits_diff": max(d[0] for d in held), "boxes_diff": max(d[1] for d in held),
-                  "reordered_queries": sum(d[2] for d in held)}
-        if not strict.all():
-            record["padded_logits_diff"] = max(d[0] for d, keep in zip(diffs, strict.tolist()) if not keep)
-        ok = record["logits_diff"] <= tolerance and record["boxes_diff"] <= tolerance
-        if "kept_counts" in expected:
-            record["kept_counts"] = expected["kept_counts"].tolist()
-            record["onnx_kept_counts"] = got["kept_counts"].tolist()
-            ok = ok and record["kept_counts"] == record["onnx_kept_counts"]
-        record["ok"] = ok
-        records.append(record)
-    return records
+Progress = Callable[[str, Optional[float]], None]
 
 
-def matched_differences(logits: Tensor, boxes: Tensor, other_logits: Tensor, other_boxes: Tensor
-                        ) -> tuple[float, float, int]:
-    """(max abs logits difference, max abs boxes difference, queries that changed place) of one image's two
-    sets of predictions [Q, K] and [Q, 4], each query compared with its counterpart in the other set.
+class _Steps:
+    """``with steps("name"):`` calls ``progress("name", None)`` before and ``progress("name", seconds)`` after."""
 
-    The predictions are a set: in two-stage models the queries are the proposals in score order, and two
-    proposals whose scores differ by rounding (1e-6 among 17,000 tokens) can swap places between PyTorch and
-    onnxruntime. Counterparts are therefore paired by a minimum-cost assignment of the max abs difference;
-    without such swaps the pairing is the identity."""
-    from scipy.optimize import linear_sum_assignment
-    cost = torch.maximum(torch.cdist(logits.double(), other_logits.double(), p=float("inf")),
-                         torch.cdist(boxes.double(), other_boxes.double(), p=float("inf")))
-    rows, cols = linear_sum_assignment(cost.numpy())
-    rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
-    return (float((logits[rows] - other_logits[cols]).abs().max()), float((boxes[rows] - other_boxes[cols]).abs().max()),
-            int((rows != cols).sum()))
+    def __init__(self, progress: Optional[Progress]):
+        self.progress = progress
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(name, None)
+        start = time.perf_counter()
+        yield
+        if self.progress:
+            self.progress(name, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _exporter_messages(verbose: bool) -> Iterator[None]:
+    """Unless ``verbose``, silence the exporter's warnings (onnxscript's optimizer logs one per Split it cannot
+    fold, torch.export warns about deprecated paths): they say nothing about the exported graph's correctness,
+    which ``--verify`` checks."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export",
+                                                    "torch._dynamo", "torch.fx.experimental.symbolic_shapes")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def onnx_metadata(*, class_names: Mapping[int, str], num_classes: int, val_size: int, max_size: int,
+                  mean: Sequence[float], std: Sequence[float], description: Mapping[str, Any], rho: float,
+                  opset: int, inputs: Sequence[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an exported file (ONNX allows string values only; lists and maps are JSON):
+
+    ``class_names`` {"id": "name"} (the ids the model's labels mean; empty when unknown), ``num_classes``;
+    ``val_size``, ``max_size`` (the size rule: shorter side ``val_size``, longer at most ``max_size``, sides
+    truncated as datasets/transforms.py ``get_resize_hw``); ``mean``, ``std`` [3] (RGB in [0, 1]);
+    ``description``: the model's main.py arguments; ``rho``; ``opset``; ``inputs`` (comma-separated);
+    ``metadata_version``. ``tools/onnx_predict.py read_metadata`` reads them back."""
+    return {
+        "metadata_version": str(METADATA_VERSION),
+        "class_names": json.dumps({str(int(k)): str(v) for k, v in sorted(class_names.items())}),
+        "num_classes": str(int(num_classes)), "val_size": str(int(val_size)), "max_size": str(int(max_size)),
+        "mean": json.dumps([float(v) for v in mean]), "std": json.dumps([float(v) for v in std]),
+        "description": json.dumps(description, sort_keys=True, default=str), "rho": repr(float(rho)),
+        "opset": str(int(opset)), "inputs": ",".join(inputs),
+    }
 
 
 def two_stage(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "transformer", None), "two_stage", False))
-
-
-def default_verify_sizes(example_size: tuple[int, int], low: int) -> list[tuple[int, int]]:
-    """Three (H, W) other than ``example_size``: smaller and wider, larger and taller, and transposed-ish,
-    each side at least ``low`` and a multiple of 8 off the export size."""
-    h, w = example_size
-    candidates = [(h - max(8, h // 8), w + max(16, w // 6)), (h + max(24, h // 5), w - max(8, w // 10)),
-                  (w - max(8, w // 10), h + max(8, h // 10))]
-    sizes = []
-    for ch, cw in candidates:
-        size = (max(low, ch), max(low, cw))
-        while size == tuple(example_size) or size in sizes:
-            size = (size[0] + 8, size[1] + 16)
-        sizes.append(size)
-    return sizes

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
 
@@ -207,3 +208,29 @@ def test_plot_logs_skips_bad_lines_with_one_warning_and_checks_the_out_extension
         plot_logs([str(tmp_path / "run"), "--out", str(tmp_path / "curves.xyz")])
     assert str(info.value).startswith(f"--out {tmp_path / 'curves.xyz'}: cannot write '.xyz' images; use one of ")
     assert str(info.value).endswith(" (e.g. .png)") and ".png, " in str(info.value)
+
+
+def test_caption_labels_stay_inside_the_image():
+    """Catches: labels cut off at the right edge of small images ("triar", "square 0.7" in issue #29), a label
+    moved inside the box when there was room above, or pushed off the top when the box is at the bottom."""
+    from util.draw import caption_box
+    # (left, top, right, bottom), inclusive; the label is the text plus 4 px wide, 2 px high.
+    assert caption_box((50, 30), (30, 11), (64, 48)) == (29, 17, 63, 30)  # moved left: ends at column 63
+    assert caption_box((10, 20), (30, 11), (64, 48)) == (10, 7, 44, 20)  # room above: unchanged
+    assert caption_box((10, 5), (30, 11), (64, 48)) == (10, 5, 44, 18)  # no room above: inside the box
+    assert caption_box((10, 3), (30, 11), (64, 14)) == (10, 0, 44, 13)  # inside the box would pass the bottom: up
+    assert caption_box((5, 20), (80, 11), (64, 48)) == (0, 7, 84, 20)  # wider than the image: from its left edge
+
+
+def test_a_caption_at_the_right_edge_is_drawn_whole():
+    """Catches: the drawn label not the one caption_box places (cut at the image edge)."""
+    from util.draw import caption_box, caption_font, draw_boxes
+    canvas = PIL.Image.new("RGB", (64, 48))
+    color = (230, 25, 75)
+    draw_boxes(canvas, [(50, 30, 63, 47)], [color], ["square 0.7"], line_width=1)
+    draw = PIL.ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), "square 0.7", font=caption_font(canvas.size))
+    label = caption_box((50, 30), (right - left, bottom - top), canvas.size)
+    assert label[2] == 63 and label[0] < 50
+    row = [canvas.getpixel((x, label[1])) for x in range(64)]
+    assert [x for x, pixel in enumerate(row) if pixel == color] == list(range(label[0], 64))

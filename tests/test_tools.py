@@ -1,4 +1,6 @@
 """Command-line tools on tiny random models."""
+import re
+
 import PIL.Image
 import pytest
 import torch
@@ -101,3 +103,27 @@ def test_demo_report_with_ema_weights_draws_and_reports_the_average(tmp_path, ca
     (run / "log.txt").write_text(json.dumps({"epoch": 0, "test_loss": 1.0, "test_coco_eval_bbox": raw_stats}) + "\n")
     with pytest.raises(SystemExit, match="no test_ema_"):
         report([str(run), "--coco_path", str(tmp_path / "data"), "--num_images", "2", "--weights", "ema"])
+
+
+def test_visualize_sparsity_figure_counts_the_kept_tokens_and_shows_the_image_once():
+    """Catches: the image repeated in every row, per-level counts that do not add up to the model's kept count
+    (int(tokens * rho) + 1), a level's token total that is not its grid, missing colour bars."""
+    from inference import Detector
+    from tools.visualize_sparsity import figure, sparsity_maps
+
+    detector = Detector.from_flags([*TINY, *SPARSE, "--rho", "0.2"], val_size=64, max_size=96)
+    image = PIL.Image.new("RGB", (80, 60), (120, 30, 200))
+    samples, _ = detector.preprocess([image])
+    maps = sparsity_maps(detector.model, samples)
+    fig = figure(image, maps, 0.2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles.count("image") == 1 and sum(len(ax.images) for ax in fig.axes if ax.get_title() == "image") == 1
+    grids = [m.shape for m in maps["saliency"]]  # 64x85 image: strides 8, 16, 32, 64
+    assert grids == [(8, 11), (4, 6), (2, 3), (1, 2)]
+    kept = [re.fullmatch(r"level \d: kept (\d+) of (\d+) tokens \(\d\.\d\d\)", t) for t in titles if "kept" in t]
+    counts = [(int(m.group(1)), int(m.group(2))) for m in kept if m]
+    assert [c[1] for c in counts] == [h * w for h, w in grids]
+    assert sum(c[0] for c in counts) == int(120 * 0.2) + 1 == 25
+    assert {ax.get_ylabel() for ax in fig.axes} >= {"score (sigmoid)", "DAM (last level)"}  # the colour bars
+    import matplotlib.pyplot as plt
+    plt.close(fig)

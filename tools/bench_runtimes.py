@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.export import DEFAULT_TOLERANCE as TOLERANCE, OnnxDetector, export_onnx, matched_differences  # noqa: E402
+from models.export import DEFAULT_TOLERANCE as TOLERANCE, OnnxDetector, export_onnx  # noqa: E402
+from models.export_check import matched_differences  # noqa: E402
 from models.heads import PostProcess  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
 

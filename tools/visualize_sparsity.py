@@ -1,5 +1,6 @@
-"""Show what Sparse DETR keeps: the image, the scoring network's saliency per level, the kept
-tokens and the decoder attention map (DAM), in one PNG.
+"""Show what Sparse DETR keeps: the image, the scoring network's saliency per level (with a colour bar), the
+kept tokens drawn over the image ("kept N of M tokens" per level and in all) and the decoder attention map
+(DAM), in one PNG.
 
     python tools/visualize_sparsity.py --resume exps/r50_sparse_detr_rho_0.1/checkpoint.pth \
         --image dog.jpg --out sparsity.png
@@ -76,23 +77,56 @@ def sparsity_maps(model: torch.nn.Module, samples) -> dict[str, list[torch.Tenso
             for name, values in (("saliency", saliency), ("kept tokens", kept), ("DAM", dam))}
 
 
-def plot(image: PIL.Image.Image, maps: dict[str, list[torch.Tensor]], out: str | Path) -> None:
-    levels = len(next(iter(maps.values())))
-    fig, axes = plt.subplots(len(maps), levels + 1, figsize=(3 * (levels + 1), 2.6 * len(maps)), squeeze=False)
-    for row, (name, level_maps) in enumerate(maps.items()):
-        axes[row, 0].imshow(image)
-        axes[row, 0].set_title("image" if row == 0 else "")
-        axes[row, 0].set_ylabel(name)
-        for level, level_map in enumerate(level_maps):
-            # Saliency and kept tokens are on [0, 1]; the DAM is scaled per level.
-            limits = {} if name == "DAM" else {"vmin": 0.0, "vmax": 1.0}
-            axes[row, level + 1].imshow(level_map.numpy(), cmap="viridis", **limits)
-            axes[row, level + 1].set_title(f"{name}, level {level} ({level_map.shape[0]}x{level_map.shape[1]})",
-                                           fontsize=8)
+def kept_per_level(kept_maps: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(kept, tokens) of each level's 0/1 kept map (one image, no padding: every token is valid)."""
+    return [(int(level_map.sum()), level_map.numel()) for level_map in kept_maps]
+
+
+def figure(image: PIL.Image.Image, maps: dict[str, list[torch.Tensor]], rho: float):
+    """The figure: the image once (top left); per level, the saliency, the kept tokens over the image ("kept N
+    of M tokens"), and the DAM; a colour bar per row. Each level's token grid is stretched over the image (its
+    last row and column may reach past the image's edge by part of a stride)."""
+    levels = len(maps["saliency"])
+    rows = ("saliency", "kept tokens", "DAM")
+    fig, axes = plt.subplots(len(rows), levels + 1, figsize=(3 * (levels + 1) + 1, 2.6 * len(rows)), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image")
+    for row in range(1, len(rows)):
+        axes[row, 0].axis("off")
+    counts = kept_per_level(maps["kept tokens"])
+    kept, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    extent = (0, image.width, image.height, 0)
+    for level in range(levels):
+        h, w = maps["saliency"][level].shape
+        saliency = axes[0, level + 1].imshow(maps["saliency"][level].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        axes[0, level + 1].set_title(f"saliency, level {level} ({h}x{w})", fontsize=8)
+        ax = axes[1, level + 1]
+        ax.imshow(image, extent=extent)
+        # Kept tokens tinted yellow, dropped ones shaded dark: the image shows through both.
+        kept_map = maps["kept tokens"][level]
+        overlay = torch.zeros(h, w, 4)
+        overlay[..., :3] = kept_map[..., None] * torch.tensor([1.0, 0.9, 0.0])
+        overlay[..., 3] = torch.where(kept_map > 0, 0.35, 0.6)
+        ax.imshow(overlay.numpy(), extent=extent, interpolation="nearest")
+        ax.set_xlim(0, image.width)
+        ax.set_ylim(image.height, 0)
+        n, m = counts[level]
+        ax.set_title(f"level {level}: kept {n} of {m} tokens ({n / m:.2f})", fontsize=8)
+        dam = axes[2, level + 1].imshow(maps["DAM"][level].numpy(), cmap="magma")
+        axes[2, level + 1].set_title(f"DAM, level {level} (scaled per level)", fontsize=8)
+        if level == levels - 1:
+            fig.colorbar(saliency, ax=list(axes[0, 1:]), label="score (sigmoid)", shrink=0.9)
+            fig.colorbar(dam, ax=list(axes[2, 1:]), label="DAM (last level)", shrink=0.9)
+    axes[1, 0].text(0.5, 0.5, f"kept {kept} of {total} tokens\n(rho = {rho:g})", ha="center", va="center",
+                    transform=axes[1, 0].transAxes)
+    return fig
+
+
+def plot(image: PIL.Image.Image, maps: dict[str, list[torch.Tensor]], rho: float, out: str | Path) -> None:
+    fig = figure(image, maps, rho)
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
@@ -123,7 +157,7 @@ def main(argv: list[str]) -> None:
     detector = load_detector(args.resume, model_flags, args.device, args.size, args.max_size)
     samples, _ = detector.preprocess([image])
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(image, sparsity_maps(detector.model, samples), out)
+    plot(image, sparsity_maps(detector.model, samples), detector.model.transformer.rho, out)
     print(f"wrote {out}")
 
 

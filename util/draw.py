@@ -29,12 +29,27 @@ def caption_font(image_size: tuple[int, int]) -> PIL.ImageFont.ImageFont:
         return PIL.ImageFont.load_default()
 
 
+def caption_box(box_xy: tuple[float, float], text_wh: tuple[int, int], image_wh: tuple[int, int]
+                ) -> tuple[int, int, int, int]:
+    """The filled label (left, top, right, bottom; inclusive pixels) of a caption ``text_wh`` (w, h) for a box
+    whose top-left corner is ``box_xy``, in an image of ``image_wh``: above the box, or inside it at its top
+    when there is no room above; moved left and up as far as needed to stay inside the image (a label wider
+    or taller than the image starts at its left or top edge)."""
+    (x0, y0), (text_w, text_h), (width, height) = box_xy, text_wh, image_wh
+    label_w, label_h = text_w + 4, text_h + 2
+    top = y0 - label_h if y0 - label_h >= 0 else y0
+    left = max(0, min(int(x0), width - 1 - label_w))
+    top = max(0, min(int(top), height - 1 - label_h))
+    return left, top, left + label_w, top + label_h
+
+
 def draw_boxes(canvas: PIL.Image.Image, boxes_xyxy: Sequence[Sequence[float]], colors: Sequence[tuple[int, int, int]],
                captions: Optional[Sequence[str]] = None, line_width: Optional[int] = None) -> None:
     """Draw on ``canvas`` (in place) each box (absolute xyxy pixels of ``canvas``: the outline's left and top
     pixel columns are at x0 and y0, its right and bottom ones at x1 and y1) in its colour, with its caption
-    (none for "") on a filled label above the box, or inside it at the top edge of the image. Later boxes are
-    drawn over earlier ones. ``line_width`` defaults to 1 px per 300 px of the shorter image side."""
+    (none for "") on a filled label above the box, or inside it at the top edge of the image; labels are kept
+    inside the image (:func:`caption_box`), so a box at the right or bottom edge keeps its whole caption. Later
+    boxes are drawn over earlier ones. ``line_width`` defaults to 1 px per 300 px of the shorter image side."""
     draw = PIL.ImageDraw.Draw(canvas)
     font = caption_font(canvas.size)
     width = line_width or max(1, min(canvas.size) // 300)
@@ -44,6 +59,6 @@ def draw_boxes(canvas: PIL.Image.Image, boxes_xyxy: Sequence[Sequence[float]], c
         if not text:
             continue
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        text_y = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
-        draw.rectangle([x0, text_y, x0 + right - left + 4, text_y + bottom - top + 2], fill=color)
-        draw.text((x0 + 2 - left, text_y + 1 - top), text, fill=(255, 255, 255), font=font)
+        label = caption_box((x0, y0), (right - left, bottom - top), canvas.size)
+        draw.rectangle(label, fill=color)
+        draw.text((label[0] + 2 - left, label[1] + 1 - top), text, fill=(255, 255, 255), font=font)

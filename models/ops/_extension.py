@@ -14,8 +14,11 @@ The two are separate libraries, so a machine without nvcc still gets the CPU ker
 
 Build cache: ``$TORCH_EXTENSIONS_DIR/sparse_detr_msda_<device>_<hash>`` when that variable is
 set, else ``~/.cache/torch_extensions/<py>_<cu>/sparse_detr_msda_<device>_<hash>``; the hash
-covers the kernel sources, so editing them rebuilds and different checkouts do not fight over
-one folder. GPU targets follow TORCH_CUDA_ARCH_LIST (default: the visible GPUs).
+covers the kernel sources, so editing them rebuilds. The sources are copied into that folder
+(``csrc/``) and built from there, so the build command (``build.ninja``: source paths, ``-I``)
+names no checkout: every clone of the same sources loads the same library without rebuilding.
+While building, one line says so ("building the CPU kernel ..., once, about 20 s").
+GPU targets follow TORCH_CUDA_ARCH_LIST (default: the visible GPUs).
 ``python -m models.ops.build`` builds ahead of time. The toolkit is found through CUDA_HOME, the
 ``nvcc`` on PATH (symlinks and small wrapper scripts are followed) or /usr/local/cuda.
 
@@ -63,6 +66,8 @@ _SOURCES = {
 _HEADERS = ("ms_deform_attn_common.h", "ms_deform_attn_host.h", "ms_deform_attn_cpu_kernels.h",
             "ms_deform_attn_cuda.h")
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+# About how long a first build takes (README, "Multi-scale deformable attention"), for the line said meanwhile.
+_BUILD_SECONDS = {"cpu": 20, "cuda": 60}
 _IMPL_CHOICES = {"auto": "auto", "": "auto", "pytorch": "pytorch", "torch": "pytorch", "kernel": "kernel",
                  "compiled": "kernel"}
 
@@ -246,16 +251,46 @@ def _quiet_cpp_extension_import() -> Iterator[None]:
         log.setLevel(level)
 
 
+def copy_sources(device_type: str, folder: Path) -> Path:
+    """The kernel sources of ``device_type`` (and the headers) in ``folder/csrc``, written only where missing or
+    different (an unchanged file keeps its time stamp, so ninja does not rebuild; a new one is written whole,
+    then renamed, so a concurrent build never reads half a file). Returns that folder."""
+    target = folder / "csrc"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _SOURCES[device_type] + _HEADERS:
+        data = (CSRC / name).read_bytes()
+        path = target / name
+        if path.is_file() and path.read_bytes() == data:
+            continue
+        partial = path.with_name(f".{name}.{os.getpid()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    return target
+
+
+def _library_file(folder: Path, name: str) -> Path:
+    return folder / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
+
+
 def _build(device_type: str, verbose: bool) -> str:
     missing = missing_prerequisites(device_type)
     if missing:
         raise MissingPrerequisite("; ".join(missing))
     with _quiet_cpp_extension_import():
         from torch.utils import cpp_extension
+    name = extension_name(device_type)
+    folder = Path(build_directory(device_type))
+    # Built from a copy in the cache folder: a command naming this checkout's csrc/ would differ from another
+    # clone's, and ninja would rebuild on every switch between them.
+    sources = copy_sources(device_type, folder)
+    if not _library_file(folder, name).is_file():
+        logger.warning("building the %s kernel of %s, once, about %d s (cached in %s)", device_type.upper(),
+                       OP_NAME, _BUILD_SECONDS[device_type], folder)
     kwargs: dict = {
-        "name": extension_name(device_type),
-        "sources": [str(CSRC / name) for name in _SOURCES[device_type]],
-        "extra_include_paths": [str(CSRC)],
+        "name": name,
+        "sources": [str(sources / source) for source in _SOURCES[device_type]],
+        "extra_include_paths": [str(sources)],
+        "build_directory": str(folder),
         "extra_cflags": ["-O3"],
         "is_python_module": False,
         "verbose": verbose,
