@@ -20,7 +20,7 @@ def export(tmp_path, variant, *extra):
     return out, records
 
 
-@pytest.mark.parametrize("variant", [v for v in EXPORT_VARIANTS if v != "sparse_detr"])
+@pytest.mark.parametrize("variant", [v for v in EXPORT_VARIANTS if not v.startswith("sparse_detr")])
 def test_every_variant_exports_and_matches_pytorch_at_other_sizes(tmp_path, variant):
     """Catches: a graph that froze the example's H, W (ORT refuses or differs at other sizes), the compiled
     attention kernel in the graph (no ONNX op), a post-processing that does not export. Box refinement takes a
@@ -32,11 +32,13 @@ def test_every_variant_exports_and_matches_pytorch_at_other_sizes(tmp_path, vari
     assert all(r["ok"] and r["logits_diff"] <= 1e-4 and r["boxes_diff"] <= 1e-4 for r in records), records
 
 
-def test_sparse_detr_kept_count_is_computed_in_the_graph(tmp_path):
-    """Catches: Sparse DETR's kept-token count frozen at the export size (as int() in a trace does). Exported with
-    a pixel mask and verified on padded batches of two: the count differs between sizes and between the two
-    images of one batch (the padded one has fewer valid tokens), and equals PyTorch's everywhere."""
-    _, records = export(tmp_path, "sparse_detr", "--with_mask", "--verify_batch", "2")
+@pytest.mark.parametrize("variant", ["sparse_detr", "sparse_detr_objectness"])
+def test_sparse_detr_kept_count_is_computed_in_the_graph(tmp_path, variant):
+    """Catches: Sparse DETR's kept-token count frozen at the export size (as int() in a trace does), for each
+    token-selection rule. Exported with a pixel mask and verified on padded batches of two: the count differs
+    between sizes and between the two images of one batch (the padded one has fewer valid tokens), and equals
+    PyTorch's everywhere."""
+    _, records = export(tmp_path, variant, "--with_mask", "--verify_batch", "2")
     assert all(r["ok"] for r in records), records
     assert all("padded_logits_diff" in r for r in records)  # two-stage: padded images reported apart
     counts = [r["onnx_kept_counts"] for r in records]
@@ -44,7 +46,7 @@ def test_sparse_detr_kept_count_is_computed_in_the_graph(tmp_path):
     assert len({c[0] for c in counts}) == len(VERIFY_SIZES)  # one count per size
     assert all(c[1] < c[0] for c in counts)  # the padded image keeps fewer
     # The example's own count (a batch of 96x128 images) is none of them: not a constant of the graph.
-    args = parse_args(EXPORT_TINY + EXPORT_VARIANTS["sparse_detr"])
+    args = parse_args(EXPORT_TINY + EXPORT_VARIANTS[variant])
     model, _, _ = build_model(args, load_backbone_weights=False)
     with torch.no_grad():
         example = model(torch.randn(1, 3, *EXPORT_SIZE).unbind(0))["sparse_token_nums"].item()

@@ -155,12 +155,6 @@ def test_a_description_without_token_selection_loads_as_dam():
     assert ModelDescription.from_dict(stored).token_selection == "dam"
 
 
-def test_token_selection_without_rho_is_refused_at_start_up():
-    """Catches --token_selection objectness silently ignored by a dense encoder."""
-    with pytest.raises(SystemExit):
-        parse_args([*MODELS_TINY, *MODELS_SPARSE, "--token_selection", "objectness"])
-
-
 class RandomSelector(TokenSelector):
     """A third rule, whole: random scores times a learned scale, and a loss of its own on the scores."""
 
