@@ -138,6 +138,7 @@ def test_a_checkpoint_of_each_rule_round_trips(rule, tmp_path):
     torch.save({"model": model.state_dict(), "model_description": description.to_dict()}, path)
     detector = Detector.from_checkpoint(path)
     assert detector.description.token_selection == rule
+    assert ("objectness selection" in detector.description.summary()) == (rule == "objectness")
     prefix = {"dam": "transformer.enc_mask_predictor.", "objectness": "transformer.token_selector."}[rule]
     assert any(key.startswith(prefix) for key in detector.model.state_dict())
     samples, _ = make_batch(PADDED_SIZES)
