@@ -20,6 +20,7 @@ from pathlib import Path
 
 from model_config import adopt_checkpoint_flags, backbone_name, config_script_flags, explicit_flags
 from models.description import BACKBONES
+from models.token_selection import RULES as TOKEN_SELECTION_RULES
 
 
 # Defaults that depend on --model; flags left at None take them. Values are the references'.
@@ -156,6 +157,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--rho", default=0.0, type=float,
                    help="Sparse DETR: fraction of tokens the encoder updates, in (0, 1]; 0 = dense encoder "
                         "(needs --two_stage)")
+    g.add_argument("--token_selection", default="dam", choices=tuple(TOKEN_SELECTION_RULES),
+                   help="Sparse DETR: the rule choosing the --rho tokens the encoder updates: dam, the paper's scoring "
+                        "network trained on the decoder attention map; objectness, the paper's objectness-score "
+                        "baseline (a detection head on the backbone tokens, Hungarian loss of the _backbone group); "
+                        "see docs/token_selection.md (needs --rho > 0); default dam")
     g.add_argument("--use_enc_aux_loss", action="store_true",
                    help="Sparse DETR: detection heads and losses after every encoder layer but the last")
 
@@ -314,6 +320,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.rho and not args.two_stage:
         errors.append("--rho needs --two_stage --with_box_refine (Sparse DETR scores tokens with the two-stage "
                       "token projection); see configs/r50_sparse_detr_rho_0.1.sh")
+    if args.token_selection != "dam" and not args.rho:
+        errors.append(f"--token_selection {args.token_selection} chooses the tokens of Sparse DETR's sparse encoder: "
+                      "it needs --rho > 0 (e.g. --rho 0.1); drop it for a dense encoder")
     if args.eff_query_init and not args.two_stage:
         errors.append("--eff_query_init needs --two_stage --with_box_refine (queries come from encoder proposals)")
     if args.eff_specific_head and not args.two_stage:

@@ -17,6 +17,7 @@ from .criterion import SetCriterion
 from .description import SHAPE_FIELDS, ModelDescription
 from .deformable_detr import build_deformable_detr
 from .detr import build_detr, build_sdetr
+from .token_selection import RULES as TOKEN_SELECTION_RULES
 
 
 def build_model(args, *, load_backbone_weights: bool = True) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
@@ -50,7 +51,9 @@ ARCHITECTURE_FLAGS = (*SHAPE_FIELDS, "dilation", "num_queries", "eff_specific_he
 KEY_HINTS = (
     (r"transformer\.decoder\.bbox_embed", "--with_box_refine differs"),
     (r"enc_output|pos_trans|^query_embed|transformer\.reference_points", "--two_stage differs"),
-    (r"enc_mask_predictor", "--rho differs (Sparse DETR's scoring network exists with --rho > 0 only)"),
+    (r"transformer\.(%s)\." % "|".join(sorted({rule.STATE_NAME for rule in TOKEN_SELECTION_RULES.values()})),
+     "--rho differs or --token_selection differs (Sparse DETR's token selector exists with --rho > 0 only, with "
+     "the parameters of its rule)"),
     (r"transformer\.encoder\.(class|bbox)_embed", "--use_enc_aux_loss differs"),
     (r"transformer\.encoder\.layers\.\d+", "--enc_layers differs"),
     (r"transformer\.decoder\.layers\.\d+", "--dec_layers differs"),

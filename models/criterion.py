@@ -5,8 +5,14 @@ Output groups and the suffix of their loss names:
     "_{i}"     decoder layer i (``aux_outputs[i]``), i < n_dec - 1
     "_enc"     two-stage proposals (``enc_outputs``), matched class-agnostically unless class-specific
     "_enc_{i}" encoder layer i auxiliary heads (``aux_outputs_enc[i]``), i < n_enc - 1
+    other      the groups of the token-selection rule (``TokenSelector.MATCHED_GROUPS``, e.g. "_backbone"),
+               matched as the two-stage proposals
+With a token-selection rule (Sparse DETR) the criterion adds the rule's own terms (``TokenSelector.losses``) and
+the DAM coverage of the kept tokens (``corr_*``), whatever the rule.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,31 +21,34 @@ from torch import Tensor, nn
 from util import box_ops
 from util.misc import accuracy, get_world_size, is_dist_avail_and_initialized
 
-from .dam import attention_map_to_token_grid, dam_coverage, topk_token_targets
+from .dam import attention_map_to_token_grid, dam_coverage
 from .matcher import HungarianMatcher
+from .token_selection import TokenSelector
 
 BOX_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def output_group_suffixes(*, num_decoder_layers: int, aux_loss: bool, two_stage: bool = False,
-                          num_encoder_aux: int = 0) -> list[str]:
-    """Suffixes of the output groups a model produces (see the module docstring)."""
+                          num_encoder_aux: int = 0, selection_groups: tuple[str, ...] = ()) -> list[str]:
+    """Suffixes of the output groups a model produces (see the module docstring); ``selection_groups``: those of
+    its token-selection rule (``TokenSelector.MATCHED_GROUPS``)."""
     suffixes = [""]
     if aux_loss:
         suffixes += [f"_{i}" for i in range(num_decoder_layers - 1)]
     if two_stage:
         suffixes.append("_enc")
+    suffixes += list(selection_groups)
     suffixes += [f"_enc_{i}" for i in range(num_encoder_aux)]
     return suffixes
 
 
 def build_weight_dict(suffixes: list[str], *, cls: float, bbox: float, giou: float,
-                      mask_prediction: float | None = None) -> dict[str, float]:
-    """Weights of every loss the criterion returns for these groups (metrics are not weighted)."""
+                      selection: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Weights of every loss the criterion returns for these groups, then of the token-selection rule's own
+    terms (``selection``: ``TokenSelector.loss_weights``); metrics are not weighted."""
     weights = {f"{name}{suffix}": coef for suffix in suffixes
                for name, coef in zip(BOX_LOSSES, (cls, bbox, giou))}
-    if mask_prediction is not None:
-        weights["loss_mask_prediction"] = mask_prediction
+    weights.update(selection or {})
     return weights
 
 
@@ -61,12 +70,13 @@ class SetCriterion(nn.Module):
 
     ``weight_dict`` names every loss returned and its weight; the total loss is
     ``sum(losses[k] * weight_dict[k] for k in weight_dict)``. Keys not in it (``class_error``,
-    ``cardinality_error*``, ``corr_*``) are metrics, computed without gradient.
+    ``cardinality_error*``, ``corr_*``) are metrics, computed without gradient. ``token_selection``: the rule
+    class of a Sparse DETR model (its matched groups and own terms; ``models/token_selection.py``).
     """
 
     def __init__(self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  focal: bool = True, focal_alpha: float = 0.25, eos_coef: float = 0.1,
-                 class_specific_proposals: bool = False, mask_prediction: bool = False):
+                 class_specific_proposals: bool = False, token_selection: Optional[type[TokenSelector]] = None):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -74,7 +84,7 @@ class SetCriterion(nn.Module):
         self.focal = focal
         self.focal_alpha = focal_alpha
         self.class_specific_proposals = class_specific_proposals
-        self.mask_prediction = mask_prediction
+        self.token_selection = token_selection
         if not focal:
             empty_weight = torch.ones(num_classes + 1)
             empty_weight[-1] = eos_coef
@@ -114,15 +124,15 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": F.l1_loss(pred_boxes, target_boxes, reduction="sum") / num_boxes,
                 "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def loss_mask_prediction(self, outputs: dict) -> dict[str, Tensor]:
-        """Sparse DETR: the scoring network's logits against the top tokens of the DAM."""
+    def loss_token_selection(self, outputs: dict) -> dict[str, Tensor]:
+        """Sparse DETR: the rule's own terms, then how much of the decoder attention map (DAM) falls on the kept
+        tokens (``corr_mask_attn_map_dec_all``, then per level ``_0``, ``_1``, ...): the paper's measure for
+        comparing rules."""
         with torch.no_grad():
             dam = attention_map_to_token_grid(outputs["spatial_shapes"], outputs["level_start_index"],
                                               outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
-            target = topk_token_targets(dam, outputs["mask_flatten"], outputs["sparse_token_nums"])
             coverage = dam_coverage(outputs["backbone_topk_proposals"], dam, outputs["spatial_shapes"])
-        prediction = outputs["backbone_mask_prediction"]
-        losses = {"loss_mask_prediction": F.multilabel_soft_margin_loss(prediction, target.to(prediction.dtype))}
+        losses = self.token_selection.losses(outputs, dam)
         losses["corr_mask_attn_map_dec_all"] = coverage[0].mean()
         losses.update({f"corr_mask_attn_map_dec_{level}": c.mean() for level, c in enumerate(coverage[1:])})
         return losses
@@ -133,11 +143,14 @@ class SetCriterion(nn.Module):
         yield "", outputs, targets
         for i, group in enumerate(outputs.get("aux_outputs", [])):
             yield f"_{i}", group, targets
+        # Proposals are class-agnostic (all targets are class 0) unless the head is class-specific.
+        proposal_targets = targets if self.class_specific_proposals else [
+            {**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
         if "enc_outputs" in outputs:
-            # Proposals are class-agnostic (all targets are class 0) unless the head is class-specific.
-            proposal_targets = targets if self.class_specific_proposals else [
-                {**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             yield "_enc", outputs["enc_outputs"], proposal_targets
+        if self.token_selection is not None:
+            for suffix, key in self.token_selection.MATCHED_GROUPS.items():
+                yield suffix, outputs[key], proposal_targets
         for i, group in enumerate(outputs.get("aux_outputs_enc", [])):
             yield f"_enc_{i}", group, targets
 
@@ -170,6 +183,6 @@ class SetCriterion(nn.Module):
             group_losses.update(self.loss_boxes(group, matched, num_boxes))
             group_losses.update(self.loss_cardinality(group, group_targets))
             losses.update({f"{name}{suffix}": value for name, value in group_losses.items()})
-        if self.mask_prediction:
-            losses.update(self.loss_mask_prediction(outputs))
+        if self.token_selection is not None:
+            losses.update(self.loss_token_selection(outputs))
         return losses

@@ -19,6 +19,7 @@ from .criterion import SetCriterion, build_weight_dict, output_group_suffixes
 from .deformable_transformer import DeformableTransformer, build_deformable_transformer
 from .heads import MLP, PostProcess, prediction_dict, refine_box_logits
 from .matcher import build_matcher
+from .token_selection import RULES
 
 
 def deformable_heads(*, hidden_dim: int, num_classes: int, num_decoder_layers: int, two_stage: bool,
@@ -116,7 +117,9 @@ class DeformableDETR(nn.Module):
             enc_outputs: (two-stage) the proposal of every token, pred_logits [B, S, num_classes], pred_boxes [B, S, 4];
             aux_outputs_enc: (use_enc_aux_loss) one per encoder layer but the last, over the K kept
                 tokens (all S without rho): pred_logits [B, K, num_classes], pred_boxes [B, K, 4];
-            backbone_mask_prediction [B, S], backbone_topk_proposals [B, K], sparse_token_nums [B]: (rho > 0);
+            backbone_mask_prediction [B, S] (the rule's scores), backbone_topk_proposals [B, K], sparse_token_nums [B]
+                and the token-selection rule's own outputs (e.g. backbone_outputs): (rho > 0, see
+                models/token_selection.py);
             sampling_locations_dec [B, n_dec, Q, heads, L, P, 2], attn_weights_dec [B, n_dec, Q, heads, L, P],
             spatial_shapes [L, 2], level_start_index [L], mask_flatten [B, S]: what the DAM is made of.
         """
@@ -139,11 +142,10 @@ class DeformableDETR(nn.Module):
         if self.transformer.use_enc_aux_loss:
             out["aux_outputs_enc"] = [{"pred_logits": a, "pred_boxes": b}
                                       for a, b in zip(t["enc_aux_logits"], t["enc_aux_boxes"])]
-        for key in ("backbone_mask_prediction", "backbone_topk_proposals", "sparse_token_nums",
-                    "sampling_locations_dec", "attn_weights_dec", "spatial_shapes", "level_start_index",
+        out.update(t.get("token_selection", {}))
+        for key in ("sampling_locations_dec", "attn_weights_dec", "spatial_shapes", "level_start_index",
                     "mask_flatten"):
-            if key in t:
-                out[key] = t[key]
+            out[key] = t[key]
         return out
 
 
@@ -168,12 +170,13 @@ def build_deformable_detr(args, *, load_backbone_weights: bool = True, with_crit
     )
     if not with_criterion:
         return model, None, {"bbox": PostProcess(focal=True)}
+    rule = RULES[args.token_selection] if args.rho else None
     suffixes = output_group_suffixes(num_decoder_layers=args.dec_layers, aux_loss=args.aux_loss,
-                                     two_stage=args.two_stage, num_encoder_aux=num_encoder_heads)
+                                     two_stage=args.two_stage, num_encoder_aux=num_encoder_heads,
+                                     selection_groups=tuple(rule.MATCHED_GROUPS) if rule else ())
     weight_dict = build_weight_dict(suffixes, cls=args.cls_loss_coef, bbox=args.bbox_loss_coef,
-                                    giou=args.giou_loss_coef,
-                                    mask_prediction=args.mask_prediction_coef if args.rho else None)
+                                    giou=args.giou_loss_coef, selection=rule.loss_weights(args) if rule else None)
     criterion = SetCriterion(num_classes=args.num_classes, matcher=build_matcher(args, focal=True),
                              weight_dict=weight_dict, focal=True, focal_alpha=args.focal_alpha,
-                             class_specific_proposals=args.eff_specific_head, mask_prediction=bool(args.rho))
+                             class_specific_proposals=args.eff_specific_head, token_selection=rule)
     return model, criterion, {"bbox": PostProcess(focal=True)}

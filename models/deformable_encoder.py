@@ -1,5 +1,5 @@
-"""Encoder of the deformable transformer, dense (Deformable DETR) or sparse (Sparse DETR), and Sparse
-DETR's scoring network that chooses the tokens the sparse encoder updates.
+"""Encoder of the deformable transformer, dense (Deformable DETR) or sparse (Sparse DETR: it updates the tokens
+a rule of ``models/token_selection.py`` chose).
 
 Tokens are the L feature maps flattened and concatenated, level after level: [B, S, C] with
 S = sum_l H_l * W_l. Boxes are normalised (cx, cy, w, h); "unact" boxes are their logits.
@@ -26,30 +26,6 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     """tokens [B, S, ...] gathered at index [B, K] along S -> [B, K, ...]."""
     expanded = index.view(*index.shape, *([1] * (tokens.dim() - 2))).expand(-1, -1, *tokens.shape[2:])
     return torch.gather(tokens, 1, expanded)
-
-
-class MaskPredictor(nn.Module):
-    """Sparse DETR's scoring network: one saliency logit per token, from the token and the image mean.
-
-    [B, S, C] -> [B, S, 1]. Half of the hidden features are averaged over all tokens of the image
-    (padding included, as the reference) to give every token global context.
-    """
-
-    def __init__(self, *, in_dim: int, hidden_dim: int):
-        super().__init__()
-        self.hidden_dim = hidden_dim
-        self.layer1 = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU())
-        self.layer2 = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim // 2), nn.GELU(),
-            nn.Linear(hidden_dim // 2, hidden_dim // 4), nn.GELU(),
-            nn.Linear(hidden_dim // 4, 1),
-        )
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        z = self.layer1(tokens)
-        z_local, z_global = z.split(self.hidden_dim // 2, dim=-1)
-        z_global = z_global.mean(dim=1, keepdim=True).expand_as(z_local)
-        return self.layer2(torch.cat([z_local, z_global], dim=-1))
 
 
 class DeformableTransformerEncoderLayer(nn.Module):

@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from util.errors import InputError
 
-from .deformable_encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer, MaskPredictor,
-                                 clones, gather_tokens)
+from .deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer, clones, gather_tokens
 from .activation_checkpoint import checkpointing, run_block
 from .heads import refine_box_logits
 from .ops import LevelShapes, MSDeformAttn, is_exporting
+from .token_selection import TokenSelector, build_token_selector
 
 
 class FlatLevels(NamedTuple):
@@ -128,8 +128,9 @@ class DeformableTransformer(nn.Module):
     Variants: ``with_box_refine`` (every decoder layer refines the boxes of the one before),
     ``two_stage`` (queries from the top-scoring encoder proposals), ``eff_query_init`` (Efficient
     DETR: query contents are the selected encoder tokens), ``eff_specific_head`` (proposals ranked
-    by their best class score, not a binary score), ``rho`` > 0 (Sparse DETR: the encoder updates
-    only the top ``rho`` fraction of tokens chosen by ``enc_mask_predictor``) and
+    by their best class score, not a binary score), ``token_selector`` (Sparse DETR: the encoder updates
+    only the top ``rho`` fraction of tokens chosen by this rule, see ``models/token_selection.py``; registered
+    as ``transformer.<token_selector.STATE_NAME>``, e.g. ``enc_mask_predictor``) and
     ``use_enc_aux_loss`` (detection heads after every encoder layer but the last).
 
     ``class_embed`` / ``bbox_embed`` are the detector's heads (one per decoder layer, then the
@@ -138,19 +139,22 @@ class DeformableTransformer(nn.Module):
     class head (two-stage), the encoder its own (encoder auxiliary loss), and the detector the same
     modules: the official checkpoints' layout (``transformer.decoder.class_embed.*``).
     ``grad_checkpoint``: activation checkpointing, in training, of every encoder and decoder layer and of
-    the two passes over all S tokens: the scoring network and the two-stage proposal heads.
+    the two passes over all S tokens: the token selector and the two-stage proposal heads.
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
                  with_box_refine: bool = False, two_stage: bool = False, two_stage_num_proposals: int = 300,
-                 eff_query_init: bool = False, eff_specific_head: bool = False, rho: float = 0.0,
-                 use_enc_aux_loss: bool = False, class_embed: Optional[nn.ModuleList] = None,
+                 eff_query_init: bool = False, eff_specific_head: bool = False,
+                 token_selector: Optional[TokenSelector] = None, use_enc_aux_loss: bool = False,
+                 class_embed: Optional[nn.ModuleList] = None,
                  bbox_embed: Optional[nn.ModuleList] = None, grad_checkpoint: bool = False):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("a two-stage transformer needs with_box_refine=True: the decoder refines the proposals")
+        if token_selector is not None and not two_stage:
+            raise ValueError("a token selector needs two_stage=True: it scores the two-stage projection of the tokens")
         if (with_box_refine or use_enc_aux_loss) and (class_embed is None or bbox_embed is None):
             raise ValueError("with_box_refine, two_stage and use_enc_aux_loss need the detector's class_embed and "
                              "bbox_embed")
@@ -160,12 +164,13 @@ class DeformableTransformer(nn.Module):
         self.two_stage_num_proposals = two_stage_num_proposals
         self.eff_query_init = eff_query_init
         self.eff_specific_head = eff_specific_head
-        self.rho = rho
         self.use_enc_aux_loss = use_enc_aux_loss
         self.grad_checkpoint = grad_checkpoint
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        if rho:
-            self.enc_mask_predictor = MaskPredictor(in_dim=d_model, hidden_dim=d_model)
+        # Registered here under the rule's name: the official checkpoints' state-dict order (enc_mask_predictor).
+        self.selector_name = token_selector.STATE_NAME if token_selector is not None else None
+        if token_selector is not None:
+            self.add_module(self.selector_name, token_selector)
         layer_args = dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels,
                           n_heads=nhead)
         first_encoder_head = num_decoder_layers + int(two_stage)
@@ -204,6 +209,18 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
+        if self.selector is not None:
+            self.selector.reset_parameters()
+
+    @property
+    def selector(self) -> Optional[TokenSelector]:
+        """The token-selection rule (Sparse DETR), None for a dense encoder."""
+        return getattr(self, self.selector_name) if self.selector_name else None
+
+    @property
+    def rho(self) -> float:
+        """The fraction of tokens the encoder updates; 0 for a dense encoder."""
+        return self.selector.rho if self.selector is not None else 0.0
 
     # -- the steps of ``forward``, in order
     def flatten_levels(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]) -> FlatLevels:
@@ -261,37 +278,17 @@ class DeformableTransformer(nn.Module):
         tokens = tokens * (valid & ~padding_mask.unsqueeze(-1)).to(tokens.dtype)
         return self.enc_output_norm(self.enc_output(tokens))
 
-    def select_sparse_tokens(self, levels: FlatLevels, proposals_valid: Tensor) -> dict:
-        """Sparse DETR: score the backbone tokens and keep the top ``rho`` fraction of each image's valid ones.
-
-        Returns ``backbone_mask_prediction`` [B, S] (the scores; padding at their minimum, as the
-        reference), ``backbone_topk_proposals`` [B, K] (the kept tokens, best first, K the batch's
-        largest count) and ``sparse_token_nums`` [B] int32 (each image's own count).
-        """
-        kept_counts = ((~levels.mask).sum(-1) * self.rho).int() + 1
-        num_kept = self.largest_kept_count(kept_counts, levels.src.shape[1])
-        scores = run_block(self.score_tokens, levels.src + levels.pos, levels.mask, proposals_valid,
+    def select_sparse_tokens(self, levels: FlatLevels, proposals_unact: Tensor, proposals_valid: Tensor) -> dict:
+        """Sparse DETR: the selector scores the backbone tokens and keeps the top ``rho`` fraction of each image's
+        valid ones. Returns :meth:`TokenSelector.select`'s outputs: ``backbone_mask_prediction`` [B, S],
+        ``backbone_topk_proposals`` [B, K], ``sparse_token_nums`` [B] and the rule's own."""
+        scored = run_block(self.score_tokens, levels.src + levels.pos, levels.mask, proposals_valid, proposals_unact,
                            active=checkpointing(self, self.grad_checkpoint))
-        # Padding never wins a place (-inf, where the reference's minimum could tie with a valid token).
-        kept_index = torch.topk(scores.masked_fill(levels.mask, float("-inf")), num_kept, dim=1)[1]
-        return {"backbone_mask_prediction": scores.masked_fill(levels.mask, scores.min()),
-                "backbone_topk_proposals": kept_index, "sparse_token_nums": kept_counts}
+        return self.selector.select(scored, levels.mask)
 
-    def score_tokens(self, tokens: Tensor, padding_mask: Tensor, valid: Tensor) -> Tensor:
-        """The scoring network's logit [B, S] of each token [B, S, C] (with its position encoding)."""
-        return self.enc_mask_predictor(self.project_tokens(tokens, padding_mask, valid)).squeeze(-1)
-
-    @staticmethod
-    def largest_kept_count(kept_counts: Tensor, num_tokens: int) -> int:
-        """K = the batch's largest kept count, at most the ``num_tokens`` there are: a data-dependent size.
-        While exporting it stays symbolic (the ONNX graph computes it from each image's valid tokens and
-        TopK takes it as an input); the checks tell ``torch.export`` the bounds it may assume."""
-        largest = kept_counts.max()
-        if not is_exporting():
-            return min(int(largest), num_tokens)
-        largest = largest.item()
-        torch._check(largest >= 1)
-        return torch.sym_min(largest, num_tokens)
+    def score_tokens(self, tokens: Tensor, padding_mask: Tensor, valid: Tensor, proposals_unact: Tensor) -> dict:
+        """The selector's outputs (``scores`` [B, S], ...) for the tokens [B, S, C] (with their position encoding)."""
+        return self.selector(self.project_tokens(tokens, padding_mask, valid), proposals_unact)
 
     @staticmethod
     def proposal_pos_embed(proposals_unact: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0
@@ -358,7 +355,8 @@ class DeformableTransformer(nn.Module):
             spatial_shapes [L, 2]; level_start_index [L]; mask_flatten [B, S];
             sampling_locations_dec [B, n_dec, Q, heads, L, P, 2]; attn_weights_dec [B, n_dec, Q, heads, L, P];
             two-stage: enc_outputs_class [B, S, num_classes], enc_outputs_coord_unact [B, S, 4];
-            rho > 0: backbone_mask_prediction [B, S], backbone_topk_proposals [B, K], sparse_token_nums [B];
+            token_selection: a dict of the selector's outputs (``TokenSelector.select``): backbone_mask_prediction
+                [B, S], backbone_topk_proposals [B, K], sparse_token_nums [B] and the rule's own;
             use_enc_aux_loss: enc_aux_logits / enc_aux_boxes, lists of [B, K, num_classes] / [B, K, 4].
         """
         if not self.two_stage and query_embed is None:
@@ -366,14 +364,14 @@ class DeformableTransformer(nn.Module):
         levels = self.flatten_levels(srcs, masks, pos_embeds)
         out = {"spatial_shapes": levels.spatial_shapes, "level_start_index": levels.level_start_index,
                "mask_flatten": levels.mask}
-        # Every token's proposal box depends only on the padding: made once, used by the scoring
-        # network, the encoder auxiliary heads and the two-stage proposals.
-        if self.rho or self.use_enc_aux_loss or self.two_stage:
+        # Every token's proposal box depends only on the padding: made once, used by the token
+        # selector, the encoder auxiliary heads and the two-stage proposals.
+        if self.selector is not None or self.use_enc_aux_loss or self.two_stage:
             proposals_unact, proposals_valid = self.token_proposals(levels)
         kept_index = kept_counts = None
-        if self.rho:
-            out.update(self.select_sparse_tokens(levels, proposals_valid))
-            kept_index, kept_counts = out["backbone_topk_proposals"], out["sparse_token_nums"]
+        if self.selector is not None:
+            selection = out["token_selection"] = self.select_sparse_tokens(levels, proposals_unact, proposals_valid)
+            kept_index, kept_counts = selection["backbone_topk_proposals"], selection["sparse_token_nums"]
 
         encoded = self.encoder(levels.src, levels.pos, levels.spatial_shapes, levels.level_start_index,
                                levels.valid_ratios, levels.mask, kept_index=kept_index, kept_counts=kept_counts,
@@ -418,7 +416,7 @@ def build_deformable_transformer(args, *, class_embed: Optional[nn.ModuleList] =
         two_stage_num_proposals=args.num_queries,
         eff_query_init=args.eff_query_init,
         eff_specific_head=args.eff_specific_head,
-        rho=args.rho,
+        token_selector=build_token_selector(args) if args.rho else None,
         use_enc_aux_loss=args.use_enc_aux_loss,
         class_embed=class_embed,
         bbox_embed=bbox_embed,

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import InputError
 
+from .token_selection import RULES as TOKEN_SELECTION_RULES
+
 MODELS = ("deformable", "detr", "sdetr")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "swin_tiny")
 
@@ -33,8 +35,9 @@ COUNT_BOUNDS = {
     "sdetr_stage1_dec_heads": (1, 256), "sdetr_stage2_enc_layers": (1, 64), "sdetr_stage2_enc_heads": (1, 256),
     "sdetr_stage2_dec_layers": (1, 64), "sdetr_stage2_dec_heads": (1, 256),
 }
+# token_selection: the registered rules (models/token_selection.py), looked up when checked.
 CHOICES = {"model": MODELS, "backbone": BACKBONES, "backbone_norm": ("frozen", "batch"),
-           "position_embedding": ("sine", "learned")}
+           "position_embedding": ("sine", "learned"), "token_selection": TOKEN_SELECTION_RULES}
 MAX_CATEGORIES = 100000
 MAX_NAME_LENGTH = 1000
 
@@ -42,9 +45,9 @@ MAX_NAME_LENGTH = 1000
 SHAPE_FIELDS = (
     "model", "backbone", "backbone_norm", "num_feature_levels", "hidden_dim", "dim_feedforward", "nheads",
     "enc_layers", "dec_layers", "enc_n_points", "dec_n_points", "num_classes", "with_box_refine", "two_stage",
-    "eff_query_init", "use_enc_aux_loss", "position_embedding", "sdetr_stage1_enc_layers", "sdetr_stage1_enc_heads",
-    "sdetr_stage1_dec_layers", "sdetr_stage1_dec_heads", "sdetr_stage2_enc_layers", "sdetr_stage2_enc_heads",
-    "sdetr_stage2_dec_layers", "sdetr_stage2_dec_heads",
+    "eff_query_init", "use_enc_aux_loss", "position_embedding", "token_selection", "sdetr_stage1_enc_layers",
+    "sdetr_stage1_enc_heads", "sdetr_stage1_dec_layers", "sdetr_stage1_dec_heads", "sdetr_stage2_enc_layers",
+    "sdetr_stage2_enc_heads", "sdetr_stage2_dec_layers", "sdetr_stage2_dec_heads",
 )
 
 
@@ -77,6 +80,7 @@ class ModelDescription:
     eff_query_init: bool = False
     eff_specific_head: bool = False
     rho: float = 0.0
+    token_selection: str = "dam"  # absent from descriptions written before the objectness rule: theirs is dam
     use_enc_aux_loss: bool = False
     sdetr_stage1_enc_layers: int = 3
     sdetr_stage1_enc_heads: int = 8
@@ -144,7 +148,8 @@ class ModelDescription:
     def summary(self) -> str:
         """One line a person reads: the variant, its sizes and classes."""
         if self.model == "deformable":
-            variant = ("Sparse DETR rho %g" % self.rho if self.rho else
+            selection = "" if self.token_selection == "dam" else f" ({self.token_selection} selection)"
+            variant = (f"Sparse DETR rho {self.rho:g}{selection}" if self.rho else
                        "Efficient DETR" if self.eff_query_init else
                        "Deformable DETR two-stage" if self.two_stage else
                        "Deformable DETR box refine" if self.with_box_refine else "Deformable DETR")

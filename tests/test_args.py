@@ -27,6 +27,8 @@ def test_explicit_values_win_over_model_defaults():
     (["--rho", "-0.1", "--two_stage", "--with_box_refine"], "--rho must be in [0, 1]"),
     (["--model", "detr", "--two_stage"], "--two_stage belongs to the Deformable DETR family"),
     (["--model", "detr", "--rho", "0.1"], "--rho belongs to Sparse DETR"),
+    (["--two_stage", "--with_box_refine", "--token_selection", "objectness"],
+     "--token_selection objectness chooses the tokens of Sparse DETR's sparse encoder: it needs --rho > 0"),
     (["--hidden_dim", "100"], "must be divisible by --nheads"),
     (["--eval"], "--eval evaluates a checkpoint: add --resume PATH"),
     (["--backbone_from_scratch", "--backbone_weights", "w.pth"], "--backbone_from_scratch contradicts"),

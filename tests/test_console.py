@@ -28,7 +28,8 @@ def run_metrics(*, rho: bool) -> dict[str, float]:
     engine.reduced_loss_stats names them, each with its own value: 1.0, 2.0, ..."""
     suffixes = output_group_suffixes(num_decoder_layers=3, aux_loss=True, two_stage=True,
                                      num_encoder_aux=2 if rho else 0)
-    weights = build_weight_dict(suffixes, cls=2.0, bbox=5.0, giou=2.0, mask_prediction=1.0 if rho else None)
+    weights = build_weight_dict(suffixes, cls=2.0, bbox=5.0, giou=2.0,
+                                selection={"loss_mask_prediction": 1.0} if rho else None)
     raw = [*weights, "class_error", "cardinality_error"]
     if rho:
         raw += ["corr_mask_attn_map_dec_all", "corr_mask_attn_map_dec_0"]

@@ -68,7 +68,8 @@ def test_one_epoch_writes_checkpoint_and_log_then_resume_auto_continues(coco_roo
     assert "no checkpoint" in caplog.text and "starting a fresh run" in caplog.text
     assert (out / "checkpoint.pth").is_file()
     assert not (out / "checkpoint0000.pth").exists()  # only every 5 epochs and before lr drops (40 here)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "log.txt", "train.log"]  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "config.json", "eval.json", "log.txt",
+                                                     "train.log"]  # no temporary file left
     (line,) = read_log(out)
     assert line == record
     assert line["epoch"] == 0 and line["n_parameters"] > 0

@@ -65,7 +65,7 @@ def test_export_prints_its_steps_and_hides_the_exporters_noise(sparse_export):
     assert noise == []
 
 
-@pytest.mark.parametrize("variant", [v for v in EXPORT_VARIANTS if v != "sparse_detr"])
+@pytest.mark.parametrize("variant", [v for v in EXPORT_VARIANTS if not v.startswith("sparse_detr")])
 def test_every_variant_exports_and_matches_pytorch_at_other_sizes(tmp_path, variant):
     """Catches: a graph that froze the example's H, W (ORT refuses or differs at other sizes), the compiled
     attention kernel in the graph (no ONNX op), a post-processing that does not export. Box refinement takes a
@@ -89,11 +89,21 @@ def test_sparse_detr_kept_count_is_computed_in_the_graph(sparse_export):
     assert len({c[0] for c in counts}) == len(VERIFY_SIZES)  # one count per size
     assert all(c[1] < c[0] for c in counts)  # the padded image keeps fewer
     # The example's own count (a batch of 96x128 images) is none of them: not a constant of the graph.
-    args = parse_args(EXPORT_TINY + EXPORT_VARIANTS["sparse_detr"])
+    args = parse_args(EXPORT_TINY + EXPORT_VARIANTS[variant])
     model, _, _ = build_model(args, load_backbone_weights=False)
     with torch.no_grad():
         example = model(torch.randn(1, 3, *EXPORT_SIZE).unbind(0))["sparse_token_nums"].item()
     assert example not in {c[0] for c in counts}
+
+
+def test_objectness_rule_kept_count_is_computed_in_the_graph(tmp_path):
+    """The same for the objectness token-selection rule: its kept count is a graph value too (padded batches of
+    two, three sizes), equal to PyTorch's."""
+    _, records = export(tmp_path, "sparse_detr_objectness", "--with_mask", "--verify_batch", "2")
+    assert all(r["ok"] for r in records), records
+    counts = [r["onnx_kept_counts"] for r in records]
+    assert counts == [r["kept_counts"] for r in records]
+    assert len({c[0] for c in counts}) == len(VERIFY_SIZES) and all(c[1] < c[0] for c in counts)
 
 
 def run_error(capsys, argv):

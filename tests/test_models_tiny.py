@@ -14,6 +14,7 @@ VARIANTS = {
     "efficient": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head"],
     "sparse_rho0.3": SPARSE + ["--rho", "0.3"],
     "sparse_rho1": SPARSE + ["--rho", "1.0"],
+    "sparse_objectness": SPARSE + ["--rho", "0.3", "--token_selection", "objectness"],
     "enc_aux_dense": ["--use_enc_aux_loss"],
     "no_aux_loss": ["--no_aux_loss"],
     "one_level": ["--num_feature_levels", "1"],

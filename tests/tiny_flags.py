@@ -71,6 +71,8 @@ EXPORT_VARIANTS = {
     "efficient_detr": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head"],
     "sparse_detr": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho", "0.3",
                     "--use_enc_aux_loss", "--enc_layers", "2"],
+    "sparse_detr_objectness": ["--with_box_refine", "--two_stage", "--eff_query_init", "--eff_specific_head", "--rho",
+                               "0.3", "--use_enc_aux_loss", "--enc_layers", "2", "--token_selection", "objectness"],
     "detr": ["--model", "detr"],
     "sdetr": ["--model", "sdetr", "--sdetr_stage1_enc_layers", "1", "--sdetr_stage1_dec_layers", "1", "--sdetr_stage1_enc_heads", "2",
               "--sdetr_stage1_dec_heads", "2", "--sdetr_stage2_enc_layers", "1", "--sdetr_stage2_dec_layers", "1",

@@ -1,6 +1,6 @@
-"""Show what Sparse DETR keeps: the image, the scoring network's saliency per level (with a colour bar), the
-kept tokens drawn over the image ("kept N of M tokens" per level and in all) and the decoder attention map
-(DAM), in one PNG.
+"""Show what Sparse DETR keeps: the image, the token-selection rule's scores per level (the DAM rule's saliency,
+the objectness rule's objectness; with a colour bar), the kept tokens drawn over the image ("kept N of M tokens"
+per level and in all) and the decoder attention map (DAM), in one PNG.
 
     python tools/visualize_sparsity.py --resume exps/r50_sparse_detr_rho_0.1/checkpoint.pth \
         --image dog.jpg --out sparsity.png
@@ -64,17 +64,19 @@ def per_level_maps(values: torch.Tensor, spatial_shapes: torch.Tensor) -> list[t
 
 @torch.no_grad()
 def sparsity_maps(model: torch.nn.Module, samples) -> dict[str, list[torch.Tensor]]:
-    """Saliency (sigmoid of the scoring logits), kept tokens (0/1) and DAM, each per level, for one
-    preprocessed image (a NestedTensor of one, or a one-element list of a [3, H, W] tensor)."""
+    """The selection rule's scores (sigmoid of its logits, named by the rule: saliency, objectness), kept tokens
+    (0/1) and DAM, each per level, for one preprocessed image (a NestedTensor of one, or a one-element list of a
+    [3, H, W] tensor)."""
     outputs = model(samples)
     shapes = outputs["spatial_shapes"]
-    saliency = outputs["backbone_mask_prediction"][0].sigmoid()
-    kept = torch.zeros_like(saliency)
+    scores = outputs["backbone_mask_prediction"][0].sigmoid()
+    kept = torch.zeros_like(scores)
     kept[outputs["backbone_topk_proposals"][0, :int(outputs["sparse_token_nums"][0])]] = 1
     dam = attention_map_to_token_grid(shapes, outputs["level_start_index"], outputs["sampling_locations_dec"],
                                       outputs["attn_weights_dec"])[0]
     return {name: per_level_maps(values.cpu(), shapes.cpu())
-            for name, values in (("saliency", saliency), ("kept tokens", kept), ("DAM", dam))}
+            for name, values in ((model.transformer.selector.SCORE_NAME, scores), ("kept tokens", kept),
+                                 ("DAM", dam))}
 
 
 def kept_per_level(kept_maps: list[torch.Tensor]) -> list[tuple[int, int]]:

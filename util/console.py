@@ -9,9 +9,11 @@ tables that end an evaluation (the 12 COCO stats, the AP per class), all in perc
       46.1   65.2   49.8   28.1   50.2   60.1   35.9   57.0   61.2   41.4   65.3   77.8
 
 ``eta`` is the epoch's, ``run eta`` the whole run's (to the end of the last epoch, at the pace of this process
-since it started, evaluations included: :class:`RunPace`). The losses are the weighted ones of the last decoder layer (the log.txt keys without a suffix), smoothed over
-the last steps (median of :class:`util.logger.SmoothedValue`'s window); ``loss_mask_prediction`` appears with
-Sparse DETR (``--rho`` > 0) alone. log.txt keeps every metric. Lines go through :mod:`logging` as plain lines,
+since it started, evaluations included: :class:`RunPace`). The losses are the weighted total ``loss`` and every
+weighted ``loss_*`` without a layer suffix (``_0``, ``_enc``, ``_enc_0``): those of the last decoder layer, then
+the terms of Sparse DETR's token-selection rule (``--rho`` > 0: ``loss_mask_prediction`` of the DAM rule,
+``loss_*_backbone`` of the objectness rule, whatever a new rule names), smoothed over the last steps (median of
+:class:`util.logger.SmoothedValue`'s window). log.txt keeps every metric. Lines go through :mod:`logging` as plain lines,
 each ending in a newline, on a terminal too: Slurm logs and CI get no carriage-return updates. Under torchrun
 only rank 0 logs at INFO (:func:`util.process.setup_logging`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -29,8 +32,9 @@ from util.memory import peak_rss_mib
 
 logger = logging.getLogger(__name__)
 
-# The losses of the training line, in this order; the first four are always there, the last with --rho > 0.
-CONSOLE_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask_prediction")
+# The losses the training line leaves out: those of the decoder's and encoder's other layers (models/criterion.py
+# output groups), and every loss before its weight.
+HIDDEN_LOSS = re.compile(r"_(\d+|enc|enc_\d+|unscaled)$")
 # The 12 numbers of a COCO box evaluation (``CocoEvaluator.stats``), in their order; the table shows the first 6.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 PER_CLASS_FEW = 5  # the per-class table shows this many best and worst classes without --per_class
@@ -79,9 +83,11 @@ def peak_memory() -> tuple[float, str]:
 
 
 def console_losses(smoothed: Mapping[str, float]) -> dict[str, float]:
-    """The losses of :data:`CONSOLE_LOSSES` present in ``smoothed`` (a run's metric values by log.txt key), in
-    that order: no auxiliary-layer (``_0``, ``_enc``), ``_unscaled`` or metric key."""
-    return {name: smoothed[name] for name in CONSOLE_LOSSES if name in smoothed}
+    """The losses of the training line in ``smoothed`` (a run's metric values by log.txt key): ``loss``, then
+    every ``loss_*`` key in its order there, except those :data:`HIDDEN_LOSS` matches (auxiliary layers ``_0``,
+    ``_enc``, ``_enc_0``; ``_unscaled``); no metric key."""
+    shown = [name for name in smoothed if name.startswith("loss_") and not HIDDEN_LOSS.search(name)]
+    return {name: smoothed[name] for name in ("loss", *shown) if name in smoothed}
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``--tensorboard``: scalars and detection images in ``<output_dir>/tb``, written by rank 0.
 
     train_step/<name>   every --log_every steps, the console line's numbers (util/console.py: lr, loss, loss_ce,
-                        loss_bbox, loss_giou, loss_mask_prediction with --rho, images_per_s, peak_mem_mib);
+                        loss_bbox, loss_giou, the token-selection rule's losses with --rho, images_per_s,
+                        peak_mem_mib);
                         x: training steps done since epoch 0
     train/<key>         every epoch, each number of log.txt's train_<key> (all averaged losses, unscaled ones,
                         Sparse DETR's corr_* coverage metrics, lr, grad_norm, ...); x: the epoch
