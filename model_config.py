@@ -92,11 +92,6 @@ def stored_flags(checkpoint: Mapping[str, Any], *, source: Any) -> Optional[dict
     return flags
 
 
-def read_stored_flags(path: str | Path, *, trust: bool) -> Optional[dict[str, Any]]:
-    """:func:`stored_flags` of the checkpoint file ``path``, without reading its weights."""
-    return stored_flags(read_checkpoint_entries(path, ("model_description", "args"), trust=trust), source=path)
-
-
 def cannot_change(name: str, stored: Mapping[str, Any], value: Any) -> bool:
     """Whether the stored weights cannot serve a model whose ``name`` is ``value``: the field fixes tensor
     shapes, or it does for these values (Sparse DETR's scoring network exists only with rho > 0; learned
@@ -150,7 +145,11 @@ def adopt_checkpoint_flags(args: argparse.Namespace, given: set[str]) -> None:
     else:
         return
     try:
-        stored = read_stored_flags(path, trust=args.trust_checkpoint)
+        entries = read_checkpoint_entries(path, ("model_description", "args"), trust=args.trust_checkpoint)
+    except (InputError, OSError):  # unreadable or untrusted: loading it for the run says so, with the fix
+        return
+    try:
+        stored = stored_flags(entries, source=path)
         if stored is not None:
             adopt_stored_flags(args, stored, given, source=path, strict=strict, fields=fields)
     except InputError as err:  # main.py's flag errors are SystemExits

@@ -41,8 +41,8 @@ def kept_tokens_from(model: nn.Module, kept_index: Tensor) -> Iterator[None]:
     transformer = model.transformer
     select = transformer.select_sparse_tokens
 
-    def select_given(levels, proposals_valid) -> dict:
-        out = select(levels, proposals_valid)
+    def select_given(*inputs) -> dict:
+        out = select(*inputs)
         own = out["backbone_topk_proposals"]
         if own.shape != kept_index.shape:
             raise ValueError(f"kept_index {list(kept_index.shape)} does not match the model's kept tokens "

@@ -89,7 +89,7 @@ def test_sparse_detr_kept_count_is_computed_in_the_graph(sparse_export):
     assert len({c[0] for c in counts}) == len(VERIFY_SIZES)  # one count per size
     assert all(c[1] < c[0] for c in counts)  # the padded image keeps fewer
     # The example's own count (a batch of 96x128 images) is none of them: not a constant of the graph.
-    args = parse_args(EXPORT_TINY + EXPORT_VARIANTS[variant])
+    args = parse_args(EXPORT_TINY + EXPORT_VARIANTS["sparse_detr"])
     model, _, _ = build_model(args, load_backbone_weights=False)
     with torch.no_grad():
         example = model(torch.randn(1, 3, *EXPORT_SIZE).unbind(0))["sparse_token_nums"].item()
@@ -275,7 +275,7 @@ def test_verify_fails_a_wrong_op_in_the_exported_scoring_network(tmp_path):
     from models.export_check import verify_onnx
     detector = tiny_sparse_detector()
     scorer = detector.model.transformer.enc_mask_predictor
-    hook = scorer.register_forward_hook(lambda module, inputs, output: -output)
+    hook = scorer.register_forward_hook(lambda module, inputs, output: {**output, "scores": -output["scores"]})
     try:
         export_onnx(detector, tmp_path / "wrong.onnx", example_size=EXPORT_SIZE)
     finally:

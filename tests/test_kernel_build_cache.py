@@ -50,7 +50,8 @@ def test_two_clones_used_in_turn_share_one_build(tmp_path):
     assert len(built) == 1 and "once, about 20 s" in built[0], log
     stamp = Path(library).stat().st_mtime_ns
     build_file = (Path(library).parent / "build.ninja").read_text()
-    assert str(first) not in build_file and str(ROOT) not in build_file  # the command names no checkout
+    # The command names no checkout's sources (torch's headers may sit in a .venv inside the checkout: CI's).
+    assert str(first) not in build_file and str(ROOT / "models") not in build_file
     for folder in (second, first):
         again, log = load_in(folder, cache)
         assert again == library and "building" not in log, log

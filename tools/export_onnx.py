@@ -89,6 +89,13 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error("give the model flags either after -- or as --config, not both")
     if args.verify_sizes is not None and len(args.verify_sizes) % 2:
         parser.error(f"--verify_sizes takes H W pairs, got {len(args.verify_sizes)} numbers")
+    # Checked before the export: --verify would otherwise fail on them after it.
+    if args.verify_sizes is not None and min(args.verify_sizes) < 1:
+        parser.error(f"--verify_sizes must be positive sizes in pixels, got {' '.join(map(str, args.verify_sizes))}")
+    if args.verify_batch < 1:
+        parser.error(f"--verify_batch must be at least 1 (images per verified batch), got {args.verify_batch}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: all the CPU's threads), got {args.threads}")
     return args, model_flags
 
 
