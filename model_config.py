@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from models.description import SHAPE_FIELDS, ModelDescription
-from util.checkpoint import read_checkpoint_entries
+from util.checkpoint import newest_checkpoint, read_checkpoint_entries
 from util.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -136,8 +136,9 @@ def adopt_checkpoint_flags(args: argparse.Namespace, given: set[str]) -> None:
     a given one that cannot load its weights is refused; with ``--finetune``, the architecture flags (not the
     sizes) do, and every override is allowed (only the tensors that fit are loaded). Nothing happens for a
     checkpoint that stores no model, or a path that does not exist yet (``--resume auto`` of a fresh run)."""
-    resume = Path(args.output_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
-    if args.resume and resume.is_file():
+    # --resume auto: the checkpoint the run will resume (util.checkpoint.resolve_resume), if any.
+    resume = newest_checkpoint(Path(args.output_dir)) if args.resume == "auto" else Path(args.resume)
+    if args.resume and resume is not None and resume.is_file():
         path, fields, strict = resume, FLAG_FIELDS, True
     elif args.finetune and Path(args.finetune).is_file():  # also --resume auto of a fresh run
         path, strict = Path(args.finetune), False
