@@ -42,7 +42,6 @@ from epochs import (
     stop_error,
 )
 from engine import EvaluationStopped, evaluate, to_device, train_one_epoch, weighted_loss
-from datasets.coco_names import category_names
 from evaluation import evaluate_checkpoint
 from models import build_model, load_weights_strict
 from models.description import ModelDescription
@@ -336,7 +335,7 @@ def _run(args: argparse.Namespace, ctx: DistContext, stack: contextlib.ExitStack
                                  model_description=description.to_dict(), **state)
 
     steps_done = state.start_epoch * loader_train.batch_sampler.batches_per_epoch() + state.progress.step
-    drawn_names = category_names(args.num_classes, dataset_val.coco.dataset) if args.tensorboard_images else None
+    drawn_names = description.class_names() if args.tensorboard_images else None
     tensorboard = build_tensorboard(args, output_dir, steps_done=steps_done,  # None without --tensorboard, off rank 0
                                     category_names=drawn_names)
     if tensorboard is not None:
